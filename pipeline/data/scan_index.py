@@ -1,0 +1,64 @@
+"""The scan index: what the readers produce and stage one consumes.
+
+One `ScanRecord` per scan (a series of slices in z order with scan-level labels); slices or
+scans that cannot be used become `Reject`s with a reason instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class SliceRef:
+    """One DICOM slice of a scan. `labels` holds slice-level labels (0/1 per class) where the
+    dataset has them (RSNA layout, phantom), else None."""
+
+    path: str                      # absolute path of the DICOM file
+    z: float                       # position along the slice normal (mm), or InstanceNumber as fallback
+    sop_uid: str
+    labels: list[int] | None = None
+
+
+@dataclass
+class ScanRecord:
+    """One scan: slices sorted along the slice normal; `labels` is None where unknown (folder layout)."""
+
+    scan_id: str
+    patient_id: str
+    slices: list[SliceRef]
+    labels: list[float] | None = None
+    series_uid: str = ""
+    study_uid: str = ""
+
+
+@dataclass
+class Reject:
+    """A file or scan left out, and why. Written to the rejects CSV beside the cache."""
+
+    path: str
+    reason: str
+    scan_id: str = ""
+
+
+@dataclass
+class ScanIndex:
+    layout: str                    # rsna | cq500 | folder
+    root: str
+    label_names: list[str]
+    scans: list[ScanRecord] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+
+REJECT_FIELDS = ["scan_id", "path", "reason"]
+
+
+def write_rejects(rejects: list[Reject], path: str | Path) -> None:
+    """Write (replace) a rejects CSV: one row per left-out file or scan with its reason."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=REJECT_FIELDS)
+        writer.writeheader()
+        for reject in rejects:
+            writer.writerow({"scan_id": reject.scan_id, "path": reject.path, "reason": reject.reason})

@@ -1,0 +1,57 @@
+"""The `drct` command: one click group; each stage module contributes its subcommand."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import click
+
+from pipeline import __version__
+
+# (module, attribute) of every subcommand; modules are imported lazily so that `drct --help`
+# stays fast and a stage never imports another stage's heavy dependencies.
+SUBCOMMANDS = {
+    "phantom": ("stages.phantom", "phantom"),
+    "extract": ("stages.extract", "extract"),
+    "cache": ("stages.cache_cmd", "cache"),
+    "train": ("stages.train", "train"),
+    "evaluate": ("stages.evaluate", "evaluate"),
+    "report": ("stages.report", "report"),
+    "predict": ("stages.predict", "predict"),
+    "export": ("stages.export", "export"),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [name for name, (module, _) in SUBCOMMANDS.items() if importlib.util.find_spec(module)]
+
+    def get_command(self, ctx, name):
+        if name not in SUBCOMMANDS:
+            return None
+        module_name, attribute = SUBCOMMANDS[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return None
+            raise
+        return getattr(module, attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="drct")
+def main():
+    """DrCT2 brain-CT diagnosis with zoom-in attention, as a two-stage feature-cache pipeline.
+
+    \b
+    Stage one:  drct extract   DICOM -> frozen VGG16 at two resolutions -> HDF5 feature cache
+    Stage two:  drct train     attention/BiGRU/APS/fusion heads on cached vectors only
+    Then:       drct evaluate, drct report, drct predict, drct export
+    Demo data:  drct phantom   synthetic head CTs written as real DICOM
+    """
+
+
+if __name__ == "__main__":
+    main()
