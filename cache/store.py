@@ -13,6 +13,9 @@ Layout of one HDF5 file::
     /slices/path        str   (n_slices,)           DICOM path (relative to data_root where possible)
     /slices/labels      i1    (n_slices, n_classes) -1 where unknown
     /features/<res>     f2    (n_slices, 512)       one array per resolution, e.g. /features/224
+    /rejects/scan_id, /rejects/path, /rejects/reason   str (n_rejects,)  optional: slices and scans
+                                                    left out by extraction (cache/writer.py)
+    /rejects/rejected_scan_id  str                  optional: scans with no decodable slice
 
 A scan's slices are the contiguous rows offset..offset+n_slices of every /slices and /features
 array, so one scan at one resolution is a single slice read (O(1) lookup through the scan table).
@@ -209,11 +212,13 @@ def write_cache(
     slice_labels: np.ndarray,
     features: dict[int, np.ndarray],
     attrs: dict,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a complete cache atomically: to `<path>.tmp`, `complete` set last, then renamed.
 
     `attrs` must contain every PROVENANCE_KEYS entry plus label_names; `features` maps each
-    resolution to an (n_total_slices, 512) array.
+    resolution to an (n_total_slices, 512) array. `extra` maps further dataset names to arrays
+    (object arrays are stored as UTF-8 strings), e.g. the /rejects tables of stage one.
     """
     path = Path(path)
     missing = [key for key in (*PROVENANCE_KEYS, "label_names") if key not in attrs]
@@ -248,7 +253,26 @@ def write_cache(
                 data=np.asarray(array, np.float16),
                 chunks=(chunk_rows, FEATURE_DIM) if total else None,
             )
+        for name, array in (extra or {}).items():
+            array = np.asarray(array)
+            f.create_dataset(name, data=array, dtype=STR if array.dtype == object else array.dtype)
         f.attrs["complete"] = True
         f.flush()
+    _fsync_path(tmp)  # the bytes are on disk before the name points at them (crash safety)
     os.replace(tmp, path)
+    _fsync_path(path.parent)
     return path
+
+
+def _fsync_path(path: str | Path) -> None:
+    """fsync a file or a directory (the latter makes a rename durable); a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,397 @@
+"""The crash-safe writer of stage one: commit units in a parts folder, merged once at the end.
+
+HDF5 files are easily corrupted by a writer that dies mid-write, so the cache at OUT is never
+written incrementally. Instead:
+
+1. **One writer.** ``fcntl.flock`` on ``OUT.lock`` (released by the kernel when the process dies,
+   even by SIGKILL); a second `drct extract` on the same OUT stops with a clear message.
+2. **Manifest.** ``OUT.parts/manifest.json`` records the provenance (encoder, weights and their
+   digest, resolutions, windows, aps source, preprocessing version), precision, label names,
+   layout and data root. A resume whose config differs in any of these is refused, naming the
+   field: parts of another encoder are never mixed into a cache.
+3. **Commit units.** Every ``extract.scans_per_commit`` scans become one part file
+   ``OUT.parts/unit-<first scan index>.h5``, itself a small cache in the `cache.store` format
+   (written by `write_cache`: temporary name, fsync, `complete` attribute last, ``os.replace``,
+   directory fsync). A part therefore exists whole or not at all; a run killed at any moment
+   loses at most the unit in progress. Slice and scan rejects of the unit travel in the part
+   (the optional ``/rejects`` datasets of the format) so a resumed run reports them too.
+4. **Resume.** Leftover ``*.tmp`` files are deleted; scans found in parts are skipped.
+5. **Merge.** When every scan is done, parts are merged in scan-index order into OUT with
+   `write_cache` (atomic), the rejects CSV is replaced atomically *before* OUT appears, and the
+   parts folder is removed last. A crash between the two leaves a complete OUT plus stale parts,
+   which the next run recognises (OUT's scans count as done) and cleans up.
+
+Determinism: units are fixed runs of consecutive scans of the index, each encoded in batches that
+never cross a unit, and the merge follows index order; so a killed-and-resumed run gives the same
+arrays, byte for byte, as an uninterrupted one.
+
+A finished OUT whose provenance matches also counts as done: a rerun on a grown dataset extracts
+only the new scans and merges them with OUT's (OUT is read as one more source).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cache.store import (
+    FEATURE_DIM,
+    CacheError,
+    _decode,
+    _fsync_path,
+    decode_attr,
+    write_cache,
+)
+from pipeline.data.scan_index import Reject, write_rejects
+from pipeline.features.provenance import provenance_differences
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "drct-extract-parts"
+PART_PREFIX = "unit-"
+# Fields besides provenance_differences' CHECKED_FIELDS that must match for a resume.
+RESUME_FIELDS = ("weights_digest", "precision", "label_names", "layout", "data_root")
+
+
+class ResumeRefused(CacheError):
+    """The parts (or finished cache) at OUT were made with a different config."""
+
+
+class WriterLocked(CacheError):
+    """Another process holds OUT.lock."""
+
+
+def parts_dir(out: str | Path) -> Path:
+    return Path(str(out) + ".parts")
+
+
+def rejects_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".rejects.csv")
+
+
+def lock_path(out: str | Path) -> Path:
+    return Path(str(out) + ".lock")
+
+
+@dataclass
+class ScanFeatures:
+    """One extracted scan: its kept slices (decodable, z order) and their vectors per resolution."""
+
+    scan_id: str
+    patient_id: str
+    labels: list[float] | None
+    z: list[float]
+    sop_uids: list[str]
+    paths: list[str]
+    slice_labels: list[list[int] | None]
+    features: dict[int, np.ndarray]          # resolution -> (n_kept, 512) float16
+
+
+@dataclass
+class Unit:
+    """A commit unit: the scans extracted and the rejects met on the way."""
+
+    first_index: int
+    scans: list[ScanFeatures] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    rejected_scan_ids: list[str] = field(default_factory=list)
+
+
+def _differences(have: dict, want: dict) -> list[str]:
+    differences = provenance_differences(have.get("provenance", {}), want["provenance"])
+    for key in RESUME_FIELDS:
+        a = have.get("provenance", {}).get(key, have.get(key))
+        b = want["provenance"].get(key, want.get(key))
+        if a != b:
+            differences.append(f"{key}: existing has {a!r}, this run has {b!r}")
+    return differences
+
+
+def _relative(path: str, root: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+class PartsWriter:
+    """Writes commit units for OUT and merges them at the end. Use as a context manager (holds the lock).
+
+    `manifest` = {"provenance": {... PROVENANCE_KEYS ..., "precision": ...}, "label_names", "layout",
+    "data_root", "n_scans"}.
+    """
+
+    def __init__(self, out: str | Path, manifest: dict):
+        self.out = Path(out)
+        self.parts = parts_dir(self.out)
+        self.manifest = {"format": MANIFEST_FORMAT, "version": 1, **manifest}
+        self._lock_fd: int | None = None
+        self.done: set[str] = set()
+        self.previous_cache: Path | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> PartsWriter:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path(self.out), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WriterLocked(
+                f"another `drct extract` is writing {self.out} (lock {lock_path(self.out)} is held); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        self._lock_fd = fd
+        for stale in (self.out.with_name(self.out.name + ".tmp"), rejects_path(self.out).with_suffix(".csv.tmp")):
+            stale.unlink(missing_ok=True)
+        self._check_previous_cache()
+        self._open_parts()
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _check_previous_cache(self) -> None:
+        if not self.out.exists():
+            return
+        try:
+            with h5py.File(self.out, "r") as f:
+                attrs = {key: decode_attr(value) for key, value in f.attrs.items()}
+                scan_ids = list(_decode(f["scans/scan_id"][:]))
+                rejected_ids = read_rejects_tables(f)[1]
+        except (OSError, KeyError) as exc:
+            raise CacheError(f"{self.out} exists but is not a readable feature cache ({exc}); remove it") from None
+        if not attrs.get("complete"):
+            raise CacheError(f"{self.out} exists but is not complete; remove it and run drct extract again")
+        have = {"provenance": {**attrs}, **attrs}
+        differences = _differences(have, self.manifest)
+        if differences:
+            raise ResumeRefused(
+                f"{self.out} was made with a different configuration ({'; '.join(differences)}). "
+                "Remove it or choose another --out; a cache never mixes encoders or settings."
+            )
+        self.previous_cache = self.out
+        self.done.update(scan_ids)
+        self.done.update(rejected_ids)
+
+    def _open_parts(self) -> None:
+        manifest_file = self.parts / MANIFEST
+        if self.parts.is_dir() and manifest_file.is_file():
+            try:
+                have = json.loads(manifest_file.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise CacheError(f"{manifest_file} is unreadable ({exc}); remove {self.parts} to start over") from None
+            differences = _differences(have, self.manifest)
+            if differences:
+                raise ResumeRefused(
+                    f"cannot resume the unfinished extraction in {self.parts}: it was made with a different "
+                    f"configuration ({'; '.join(differences)}). Run with the original settings to finish it, "
+                    f"or remove {self.parts} to start over."
+                )
+        else:
+            self.parts.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(manifest_file, json.dumps(self.manifest, indent=1, sort_keys=True))
+        for tmp in self.parts.glob("*.tmp"):
+            tmp.unlink()
+        for part in self.part_files():
+            with h5py.File(part, "r") as f:
+                self.done.update(_decode(f["scans/scan_id"][:]))
+                self.done.update(read_rejects_tables(f)[1])
+
+    def part_files(self) -> list[Path]:
+        return sorted(self.parts.glob(f"{PART_PREFIX}*.h5"))
+
+    # -- commit ------------------------------------------------------------------------------
+    def _attrs(self, extra: dict) -> dict:
+        m = self.manifest
+        return {
+            **m["provenance"],
+            "label_names": list(m["label_names"]),
+            "layout": m["layout"],
+            "data_root": m["data_root"],
+            **extra,
+        }
+
+    def commit(self, unit: Unit) -> Path:
+        """Write one unit as a part (all or nothing)."""
+        resolutions = [int(r) for r in self.manifest["provenance"]["resolutions"]]
+        n_classes = len(self.manifest["label_names"])
+        tables = _stack_scans(unit.scans, resolutions, n_classes, self.manifest["data_root"])
+        part = self.parts / f"{PART_PREFIX}{unit.first_index:08d}.h5"
+        write_cache(
+            part,
+            **tables,
+            attrs=self._attrs({}),
+            extra=rejects_tables(unit.rejects, unit.rejected_scan_ids),
+        )
+        self.done.update(s.scan_id for s in unit.scans)
+        self.done.update(unit.rejected_scan_ids)
+        return part
+
+    # -- merge -------------------------------------------------------------------------------
+    def finish(self, scan_order: Sequence[str], index_rejects: Iterable[Reject]) -> tuple[Path, Path, int]:
+        """Merge every source in `scan_order` into OUT; returns (OUT, rejects CSV, number of rejects)."""
+        sources = ([self.previous_cache] if self.previous_cache else []) + self.part_files()
+        merged = _merge_sources(sources, scan_order, [int(r) for r in self.manifest["provenance"]["resolutions"]])
+        extraction_rejects = merged.pop("rejects")
+        rejects = list(index_rejects) + extraction_rejects
+        rejected_scan_ids = merged.pop("rejected_scan_ids")
+        csv_path = rejects_path(self.out)
+        tmp_csv = csv_path.with_suffix(".csv.tmp")
+        write_rejects(rejects, tmp_csv)
+        _fsync_path(tmp_csv)
+        os.replace(tmp_csv, csv_path)
+        write_cache(
+            self.out,
+            **merged,
+            attrs=self._attrs({}),
+            extra=rejects_tables(extraction_rejects, rejected_scan_ids),
+        )
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return self.out, csv_path, len(rejects)
+
+    def discard_parts(self) -> None:
+        """Remove a parts folder whose content is already in OUT (a crash after the merge)."""
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+
+def rejects_tables(rejects: Sequence[Reject], rejected_scan_ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """The optional /rejects datasets of a cache or part (datasets, not attributes: no 64 KiB limit)."""
+    strings = lambda values: np.array(list(values), dtype=object)  # noqa: E731
+    return {
+        "rejects/scan_id": strings(r.scan_id for r in rejects),
+        "rejects/path": strings(r.path for r in rejects),
+        "rejects/reason": strings(r.reason for r in rejects),
+        "rejects/rejected_scan_id": strings(rejected_scan_ids),
+    }
+
+
+def read_rejects_tables(f: h5py.File) -> tuple[list[Reject], list[str]]:
+    """(extraction rejects, scan ids rejected whole) of an open cache or part; empty where absent."""
+    if "rejects" not in f:
+        return [], []
+    g = f["rejects"]
+    rejects = [
+        Reject(path=p, reason=r, scan_id=s)
+        for s, p, r in zip(_decode(g["scan_id"][:]), _decode(g["path"][:]), _decode(g["reason"][:]))
+    ]
+    return rejects, list(_decode(g["rejected_scan_id"][:]))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    _fsync_path(tmp)
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _stack_scans(scans: list[ScanFeatures], resolutions: list[int], n_classes: int, data_root: str) -> dict:
+    """ScanFeatures -> the keyword arguments of `write_cache`."""
+    nan_row = [float("nan")] * n_classes
+    unknown = [-1] * n_classes
+    slice_labels = [lab if lab is not None else unknown for s in scans for lab in s.slice_labels]
+    return dict(
+        scan_ids=[s.scan_id for s in scans],
+        patient_ids=[s.patient_id for s in scans],
+        scan_labels=np.array([s.labels if s.labels is not None else nan_row for s in scans], np.float32).reshape(
+            len(scans), n_classes
+        ),
+        n_slices=[len(s.z) for s in scans],
+        z=np.array([z for s in scans for z in s.z], np.float64),
+        sop_uids=[u for s in scans for u in s.sop_uids],
+        paths=[_relative(p, data_root) for s in scans for p in s.paths],
+        slice_labels=np.array(slice_labels, np.int8).reshape(len(slice_labels), n_classes),
+        features={
+            r: (
+                np.concatenate([s.features[r] for s in scans]).astype(np.float16)
+                if scans
+                else np.zeros((0, FEATURE_DIM), np.float16)
+            )
+            for r in resolutions
+        },
+    )
+
+
+def _merge_sources(sources: list[Path], scan_order: Sequence[str], resolutions: list[int]) -> dict:
+    """Read scan rows from every source (previous cache, parts) and lay them out in `scan_order`."""
+    wanted = {sid: i for i, sid in enumerate(scan_order)}
+    found: dict[str, tuple[int, int, int]] = {}  # scan id -> (source, row start, n)
+    tables = []
+    rejects: list[Reject] = []
+    rejected: list[str] = []
+    for source_number, source in enumerate(sources):
+        with h5py.File(source, "r") as f:
+            t = {
+                "scan_id": _decode(f["scans/scan_id"][:]),
+                "patient_id": _decode(f["scans/patient_id"][:]),
+                "labels": f["scans/labels"][:],
+                "offset": f["scans/offset"][:],
+                "n_slices": f["scans/n_slices"][:],
+                "z": f["slices/z"][:],
+                "sop_uid": _decode(f["slices/sop_uid"][:]),
+                "path": _decode(f["slices/path"][:]),
+                "slice_labels": f["slices/labels"][:],
+                "features": {r: f[f"features/{r}"][:] for r in resolutions},
+            }
+            source_rejects, source_rejected = read_rejects_tables(f)
+            rejects.extend(r for r in source_rejects if r.scan_id in wanted)
+            rejected.extend(s for s in source_rejected if s in wanted)
+        tables.append(t)
+        for i, scan_id in enumerate(t["scan_id"]):
+            if scan_id in wanted and scan_id not in found:
+                found[scan_id] = (source_number, int(t["offset"][i]), i)
+    order = [sid for sid in scan_order if sid in found]
+    pieces: dict[str, list] = {k: [] for k in ("z", "sop_uid", "path", "slice_labels")}
+    feats: dict[int, list] = {r: [] for r in resolutions}
+    scan_ids, patient_ids, labels, n_slices = [], [], [], []
+    for scan_id in order:
+        source_number, start, i = found[scan_id]
+        t = tables[source_number]
+        n = int(t["n_slices"][i])
+        rows = slice(start, start + n)
+        scan_ids.append(scan_id)
+        patient_ids.append(t["patient_id"][i])
+        labels.append(t["labels"][i])
+        n_slices.append(n)
+        pieces["z"].append(t["z"][rows])
+        pieces["sop_uid"].extend(t["sop_uid"][rows])
+        pieces["path"].extend(t["path"][rows])
+        pieces["slice_labels"].append(t["slice_labels"][rows])
+        for r in resolutions:
+            feats[r].append(t["features"][r][rows])
+    n_classes = tables[0]["labels"].shape[1] if tables else 0
+    # Rejects in scan-index order, so a resumed run writes the same CSV as an uninterrupted one.
+    rejects.sort(key=lambda r: (wanted[r.scan_id], r.path))
+    return dict(
+        scan_ids=scan_ids,
+        patient_ids=patient_ids,
+        scan_labels=np.array(labels, np.float32).reshape(len(order), n_classes),
+        n_slices=n_slices,
+        z=np.concatenate(pieces["z"]) if order else np.zeros(0),
+        sop_uids=pieces["sop_uid"],
+        paths=pieces["path"],
+        slice_labels=(np.concatenate(pieces["slice_labels"]) if order else np.zeros((0, n_classes), np.int8)),
+        features={
+            r: (np.concatenate(feats[r]) if order else np.zeros((0, FEATURE_DIM), np.float16)) for r in resolutions
+        },
+        rejects=rejects,
+        rejected_scan_ids=sorted(set(rejected), key=lambda s: wanted[s]),
+    )

@@ -1,0 +1,256 @@
+"""Read one DICOM slice: its header (for indexing) and its pixels in Hounsfield units.
+
+Stage one's input is a 2-D float32 HU image per slice. Real head-CT DICOM has many quirks
+(see ../shared/DESIGN.md and ../shared/data/real/README.md); every one that changes pixel
+values or slice order is fixed here, in one place, so that the readers (rsna, cq500, folder)
+and the feature extractor agree:
+
+* compressed transfer syntaxes (JPEG Lossless, JPEG 2000): decoded by pydicom through
+  python-gdcm (Apache-2.0), which pydicom picks up automatically;
+* RescaleSlope / RescaleIntercept are DS strings ("-1024.000000"): cast to float;
+* RSNA 12-bit unsigned images with a wrong intercept (BitsStored 12, PixelRepresentation 0,
+  RescaleIntercept > -100): the well-known Kaggle fix, applied exactly as published
+  (``x = pixel_array + 1000; x[x >= 4096] -= 4096; intercept = -1000``);
+* MONOCHROME1: stored values mirrored within their stored range before the rescale, so that
+  dense tissue is bright as in every other slice (the project's decision: the CNN only ever
+  sees "bright = dense");
+* padding outside the scan circle (raw -2000 -> -3024 HU) and other out-of-range values:
+  HU clipped to [-1024, 3071], the 12-bit CT range;
+* multi-frame, colour or otherwise non-2-D images and undecodable pixel data: `SliceError`
+  with a human reason, which the callers turn into a rejects entry.
+
+Slice order uses `slice_position`: ImagePositionPatient projected on the slice normal
+(row x column direction cosines), which stays correct under gantry tilt, where IPP[2] alone
+is only right by luck.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pydicom.config
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+# RSNA writes its UIDs as "ID_<hex>" strings, which are invalid UI values: pydicom would warn once
+# per file (750k times). Reading never needs value validation, so it is switched off.
+if pydicom.config.settings.reading_validation_mode == pydicom.config.WARN:
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+HU_MIN = -1024.0
+HU_MAX = 3071.0
+
+# Tags read when indexing; `specific_tags` keeps header parsing cheap on ~750k RSNA files.
+HEADER_TAGS = [
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "PatientID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "InstanceNumber",
+    "ImageType",
+    "SeriesDescription",
+    "SliceThickness",
+    "ConvolutionKernel",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "Modality",
+    "ContrastBolusAgent",
+]
+
+LOCALIZER_WORDS = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW", "SCANOGRAM")
+
+
+class SliceError(Exception):
+    """A slice that cannot be used; the message is the human reason written to the rejects file."""
+
+
+def read_header(path: str | Path, tags: list[str] | None = None) -> Dataset:
+    """Read a DICOM header without pixel data. Raises `SliceError` for a file that is not DICOM.
+
+    Files without the 128-byte preamble (seen in the wild) are retried with ``force=True`` and
+    accepted only if they hold an image-like tag, so a random text file is still rejected.
+    """
+    path = str(path)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+    except InvalidDicomError:
+        pass
+    except (OSError, EOFError) as exc:
+        raise SliceError(f"cannot read file: {exc}") from exc
+    except Exception as exc:
+        raise SliceError(f"not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags, force=True)
+        if "SOPInstanceUID" in ds or "Rows" in ds:
+            return ds
+    except Exception as exc:
+        raise SliceError(
+            f"not a DICOM file (no DICM preamble; forced read failed: {type(exc).__name__})"
+        ) from exc
+    raise SliceError("not a DICOM file (no DICM preamble and no image tags)")
+
+
+def _floats(value: Any, n: int) -> list[float] | None:
+    """A multi-valued numeric tag as n floats, or None where absent or malformed."""
+    if value is None:
+        return None
+    try:
+        values = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == n else None
+
+
+def slice_normal(ds: Dataset) -> np.ndarray | None:
+    """Unit normal of the slice plane: cross(row cosine, column cosine) from ImageOrientationPatient."""
+    iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    if iop is None:
+        return None
+    normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+    norm = float(np.linalg.norm(normal))
+    if norm < 1e-6:
+        return None
+    return normal / norm
+
+
+def slice_position(ds: Dataset) -> float | None:
+    """Position of the slice along its normal (mm): dot(IPP, cross(IOP row, IOP column)).
+
+    Correct for gantry-tilted (oblique) series, where IPP[2] alone is not the distance between
+    planes. None when IPP or IOP is missing or malformed (the caller falls back to InstanceNumber).
+    """
+    ipp = _floats(ds.get("ImagePositionPatient"), 3)
+    normal = slice_normal(ds)
+    if ipp is None or normal is None:
+        return None
+    return float(np.dot(np.asarray(ipp), normal))
+
+
+def instance_number(ds: Dataset) -> int | None:
+    """InstanceNumber as int, or None where absent or malformed."""
+    value = ds.get("InstanceNumber")
+    if value is None or value == "":
+        return None
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def is_localizer(ds: Dataset) -> bool:
+    """True for localizer / scout / topogram images, which are not slices of the head volume.
+
+    Checks ImageType (e.g. ``ORIGINAL\\PRIMARY\\LOCALIZER``) and, because some scanners leave
+    ImageType plain, the SeriesDescription. Localizers that carry neither are caught later by the
+    readers: their orientation differs from the rest of the series.
+    """
+    image_type = ds.get("ImageType")
+    if image_type is not None:
+        values = [
+            str(v).upper()
+            for v in (
+                image_type
+                if isinstance(image_type, (list, tuple, pydicom.multival.MultiValue))
+                else [image_type]
+            )
+        ]
+        if any(word in value for value in values for word in LOCALIZER_WORDS):
+            return True
+    description = str(ds.get("SeriesDescription", "") or "").upper()
+    return any(word in description for word in LOCALIZER_WORDS)
+
+
+def _frames(ds: Dataset) -> int:
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def check_single_frame(ds: Dataset) -> None:
+    """Raise `SliceError` for multi-frame or colour images (the pipeline reads single 2-D slices)."""
+    frames = _frames(ds)
+    if frames > 1:
+        raise SliceError(f"multi-frame image ({frames} frames): only single-frame slices are supported")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise SliceError(f"not a greyscale image (SamplesPerPixel {samples})")
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    """RescaleSlope / RescaleIntercept as floats (they are DS strings); defaults 1 and 0."""
+    try:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError) as exc:
+        raise SliceError(f"malformed RescaleSlope/RescaleIntercept: {exc}") from exc
+    return slope, intercept
+
+
+def needs_rsna_12bit_fix(ds: Dataset) -> bool:
+    """The RSNA 2019 12-bit unsigned images whose intercept is wrong (Kaggle kernels' condition)."""
+    try:
+        return (
+            int(ds.get("BitsStored", 0)) == 12
+            and int(ds.get("PixelRepresentation", 1)) == 0
+            and int(float(ds.get("RescaleIntercept", -1024))) > -100
+        )
+    except (TypeError, ValueError):
+        return False
+
+
+def hu_from_dataset(ds: Dataset) -> np.ndarray:
+    """Pixels of a full dataset (with pixel data) as float32 HU, every pitfall fixed (module doc)."""
+    check_single_frame(ds)
+    if "PixelData" not in ds:
+        raise SliceError("no pixel data")
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:
+        raise SliceError(f"pixel data cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    if raw.ndim != 2:
+        raise SliceError(f"pixel array is not 2-D (shape {tuple(raw.shape)})")
+    if raw.size == 0:
+        raise SliceError("empty pixel array")
+    slope, intercept = _rescale(ds)
+    values = raw.astype(np.int32)
+    if needs_rsna_12bit_fix(ds):
+        # Kaggle RSNA 2019 fix: x = pixel_array + 1000; x[x >= 4096] -= 4096; intercept = -1000.
+        values = values + 1000
+        values[values >= 4096] -= 4096
+        intercept = -1000.0
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1":
+        bits = int(ds.get("BitsStored", 16) or 16)
+        if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+            low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        else:
+            low, high = 0, (1 << bits) - 1
+        values = (low + high) - values
+    hu = values.astype(np.float64) * slope + intercept
+    return np.clip(hu, HU_MIN, HU_MAX).astype(np.float32)
+
+
+def read_hu(path: str | Path) -> np.ndarray:
+    """Read one slice as float32 (H, W) HU clipped to [-1024, 3071]; raises `SliceError` with a reason."""
+    path = str(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        read_header(path)  # raises the "not a DICOM file" SliceError, or accepts a preamble-less file
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except Exception as exc:
+            raise SliceError(f"not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
+    except (OSError, EOFError) as exc:
+        raise SliceError(f"cannot read file: {exc}") from exc
+    except Exception as exc:
+        raise SliceError(f"not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
+    return hu_from_dataset(ds)

@@ -1,0 +1,59 @@
+"""Attention proposal slices network, APS (paper V.B, eqs. 7-10): the "zoom in".
+
+The paper upsamples the m_key key slices to 512x512 (eq. 8), runs VGG16 on them (eq. 9) and
+stacks the vectors (eq. 10); here those vectors come from the feature cache's 512 array
+(stage one computed them once), gathered by slice index. Then, as in the paper: batch
+normalisation, one fully connected layer, the dependencies-learning BiGRU (eq. 4) and three FC
+layers. The m_key slices keep their z order so the BiGRU sees a (sparser) anatomical sequence.
+
+Shapes::
+
+    F (B, k=m_key, D=512) --BatchNorm1d(D)--> --Linear(D, aps_fc) + ReLU--> (B, k, aps_fc)
+      --DependenciesLearning--> matrix (B, k, H_a = 2*aps_gru_hidden)
+      --readout--> pooled (B, H_a) (mean of the rows: APS has no slice attention) or (B, k*H_a)
+      --3 FC--> logits (B, C)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pipeline.heads.classifier import make_classifier
+from pipeline.heads.dependencies import DependenciesLearning
+
+
+class APSNetwork(nn.Module):
+    """forward(F (B, k, D)) -> dict with logits (B, C), prob, matrix (B, k, H_a), pooled."""
+
+    def __init__(
+        self,
+        n_classes: int,
+        m_key: int,
+        feature_dim: int = 512,
+        fc_dim: int = 256,
+        gru_hidden: int = 128,
+        fc_hidden: Sequence[int] = (256, 128),
+        dropout: float = 0.5,
+        readout_mode: str = "sum",
+        activation: str = "tanh",
+    ):
+        super().__init__()
+        self.m_key = m_key
+        self.readout_mode = readout_mode
+        self.norm = nn.BatchNorm1d(feature_dim)
+        self.fc = nn.Sequential(nn.Linear(feature_dim, fc_dim), nn.ReLU(inplace=True))
+        self.dependencies = DependenciesLearning(fc_dim, gru_hidden, activation)
+        self.out_dim = self.dependencies.out_dim
+        pooled_dim = self.out_dim if readout_mode == "sum" else m_key * self.out_dim
+        self.classifier = make_classifier(pooled_dim, fc_hidden, n_classes, dropout)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, k, d = features.shape
+        h = self.norm(features.reshape(b * k, d)).reshape(b, k, d)
+        matrix = self.dependencies(self.fc(h))
+        pooled = matrix.mean(dim=1) if self.readout_mode == "sum" else matrix.flatten(1)
+        logits = self.classifier(pooled)
+        return {"logits": logits, "prob": torch.sigmoid(logits), "matrix": matrix, "pooled": pooled}

@@ -1,0 +1,95 @@
+"""Build a DrCT1/DrCT2 model from the config (``model`` and ``sampler`` sections), and run it.
+
+The architecture is data: every size comes from ``configs/defaults.yaml``; this module only
+wires the parts (like torchvision's ``vgg.py`` builder).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.heads.aps import APSNetwork
+from pipeline.heads.drct2 import DrCT, ApsSource
+from pipeline.heads.fusion import KnowledgeFusion
+from pipeline.heads.primary import PrimaryNetwork
+
+MODELS = ("drct1", "drct2")
+
+
+def build_model(config: dict, n_classes: int) -> DrCT:
+    """The model named by ``model.name`` for `n_classes` outputs, sized by the config."""
+    mc = config["model"]
+    m = int(config["sampler"]["m"])
+    name = str(mc["name"]).lower()
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{mc['name']}'; choose from {MODELS}")
+    if n_classes < 1:
+        raise ValueError("the cache has no label names: a model needs at least one class")
+    dim = int(mc["feature_dim"])
+    fc_hidden = [int(h) for h in mc["fc_hidden"]]
+    dropout = float(mc["dropout"])
+    readout_mode = str(mc.get("readout", "sum"))
+    activation = str(mc.get("activation", "tanh"))
+    primary = PrimaryNetwork(
+        n_classes,
+        m,
+        feature_dim=dim,
+        gru_hidden=int(mc["gru_hidden"]),
+        fc_hidden=fc_hidden,
+        dropout=dropout,
+        readout_mode=readout_mode,
+        learnable_feature_attention=str(mc.get("feature_attention", "softmax")) == "learnable",
+        activation=activation,
+    )
+    if name == "drct1":
+        return DrCT(primary, m_key=min(int(mc["m_key"]), m))
+    m_key = int(mc["m_key"])
+    if not 1 <= m_key <= m:
+        raise ValueError(f"model.m_key = {m_key} must be between 1 and sampler.m = {m}")
+    aps = APSNetwork(
+        n_classes,
+        m_key,
+        feature_dim=dim,
+        fc_dim=int(mc["aps_fc"]),
+        gru_hidden=int(mc["aps_gru_hidden"]),
+        fc_hidden=fc_hidden,
+        dropout=dropout,
+        readout_mode=readout_mode,
+        activation=activation,
+    )
+    primary_dim = primary.out_dim
+    aps_dim = aps.out_dim
+    fusion = KnowledgeFusion(
+        n_classes,
+        str(mc["fusion"]),
+        primary_dim,
+        aps_dim,
+        m,
+        fusion_dim=int(mc["fusion_dim"]),
+        fc_hidden=fc_hidden,
+        dropout=dropout,
+    )
+    return DrCT(primary, aps, fusion, selection=str(mc["aps_selection"]))
+
+
+OUTPUT_KEYS = ("prob", "prob_primary", "prob_aps", "slice_attention", "feature_attention", "aps_idx")
+
+
+@torch.no_grad()
+def predict(model: DrCT, primary: torch.Tensor, aps_source: ApsSource | None = None) -> dict[str, np.ndarray]:
+    """Evaluation-mode forward pass -> numpy arrays: prob, prob_primary, prob_aps (B, C),
+    slice_attention (B, m), feature_attention (B, m, 512), aps_idx (B, m_key) (-1 for DrCT1).
+
+    `primary` is (B, m, 512) at the primary resolution; `aps_source` a (B, m, 512) tensor at
+    the APS resolution or a callable aps_idx (B, m_key) -> (B, m_key, 512) (see DrCT.forward).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(primary.float(), aps_source)
+    finally:
+        model.train(was_training)
+    result = {key: out[key].float().cpu().numpy() for key in OUTPUT_KEYS if key != "aps_idx"}
+    result["aps_idx"] = out["aps_idx"].cpu().numpy().astype(np.int64)
+    return result

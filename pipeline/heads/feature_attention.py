@@ -1,0 +1,29 @@
+"""Feature attention (paper eq. 3): re-weight the 512 values of each slice vector.
+
+Eq. 3 as written: w_i = exp(z_i) / sum_j exp(z_j) over the 512 values of one slice vector,
+and the new representation is x = z * w (element-wise, paper V.A.2 "we use element-wise
+multiplication to merge these two vectors"). There are no parameters: the attention only
+re-scales what the frozen VGG16 already found salient, which is why the weights can be drawn
+as a per-feature heat map in the report (the CAM of the highest-weighted channels).
+
+A learnable variant (``learnable=True``, config ``model.feature_attention: learnable``) scores
+each value with a linear map before the softmax, w = softmax(W z + b); it is not in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FeatureAttention(nn.Module):
+    """(B, m, D) slice vectors -> (x, w), both (B, m, D); w sums to 1 over D for every slice."""
+
+    def __init__(self, feature_dim: int = 512, learnable: bool = False):
+        super().__init__()
+        self.score = nn.Linear(feature_dim, feature_dim) if learnable else None
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = z if self.score is None else self.score(z)
+        w = torch.softmax(scores, dim=-1)
+        return z * w, w

@@ -1,0 +1,78 @@
+"""The primary network, DrCT1 (paper V.A): feature attention -> BiGRU -> slice attention -> 3 FC.
+
+Input: the m sampled slices' 512-d VGG16 vectors at the primary resolution (224), read from the
+feature cache (the paper's encoder, frozen, is stage one). Shapes, with B scans per batch::
+
+    z (B, m, D=512) --FeatureAttention (eq. 3)--> x (B, m, D), feature_attention (B, m, D)
+      --DependenciesLearning (eq. 4)--> y (B, m, H=2*gru_hidden)
+      --SliceAttention (eqs. 5-6)--> weighted (B, m, H), slice_attention (B, m)
+      --readout--> pooled (B, H) ("sum": sum_t w_t y_t)  or (B, m*H) ("flatten")
+      --3 FC, dropout 0.5--> logits (B, C)   (sigmoid -> probabilities)
+
+Readout (the paper says only that the weighted vectors pass through three FC layers): "sum"
+(default) sums the attention-weighted rows, i.e. attention pooling, independent of m;
+"flatten" concatenates the m weighted rows (needs the fixed m of the sampler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pipeline.heads.classifier import make_classifier
+from pipeline.heads.dependencies import DependenciesLearning
+from pipeline.heads.feature_attention import FeatureAttention
+from pipeline.heads.slice_attention import SliceAttention
+
+READOUTS = ("sum", "flatten")
+
+
+def readout(matrix: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, T, H) -> (B, H) by summing rows, or (B, T*H) by flattening."""
+    return matrix.sum(dim=1) if mode == "sum" else matrix.flatten(1)
+
+
+class PrimaryNetwork(nn.Module):
+    """DrCT1. forward(z (B, m, D)) -> dict with logits (B, C), prob (B, C), matrix (B, m, H),
+    pooled (B, H or m*H), slice_attention (B, m), feature_attention (B, m, D)."""
+
+    def __init__(
+        self,
+        n_classes: int,
+        m: int,
+        feature_dim: int = 512,
+        gru_hidden: int = 128,
+        fc_hidden: Sequence[int] = (256, 128),
+        dropout: float = 0.5,
+        readout_mode: str = "sum",
+        learnable_feature_attention: bool = False,
+        activation: str = "tanh",
+    ):
+        super().__init__()
+        if readout_mode not in READOUTS:
+            raise ValueError(f"unknown readout '{readout_mode}'; choose from {READOUTS}")
+        self.m = m
+        self.readout_mode = readout_mode
+        self.feature_attention = FeatureAttention(feature_dim, learnable_feature_attention)
+        self.dependencies = DependenciesLearning(feature_dim, gru_hidden, activation)
+        self.out_dim = self.dependencies.out_dim
+        self.slice_attention = SliceAttention(self.out_dim)
+        pooled_dim = self.out_dim if readout_mode == "sum" else m * self.out_dim
+        self.classifier = make_classifier(pooled_dim, fc_hidden, n_classes, dropout)
+
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        x, feature_w = self.feature_attention(z)
+        y = self.dependencies(x)
+        weighted, slice_w = self.slice_attention(y)
+        pooled = readout(weighted, self.readout_mode)
+        logits = self.classifier(pooled)
+        return {
+            "logits": logits,
+            "prob": torch.sigmoid(logits),
+            "matrix": weighted,
+            "pooled": pooled,
+            "slice_attention": slice_w,
+            "feature_attention": feature_w,
+        }

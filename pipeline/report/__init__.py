@@ -1,0 +1,1 @@
+"""Per-scan diagnostic reports (paper Figure 2): heat maps, HTML/PNG rendering, batch index."""

@@ -1,0 +1,282 @@
+"""From model outputs to `ScanReport`s: the glue between a run (or `drct predict`) and the renderer.
+
+A report needs, per scan: the deterministic evaluation sample (``sample_idx``), the model's slice
+attention and feature attention over it, the probabilities, and where each sampled slice's DICOM
+file is (the feature cache's slice table). `drct report` takes these from a run's ``oof.npz``
+(out-of-fold outputs: every scan is reported by the model that did not train on it);
+`drct predict` writes the same arrays for new scans.
+
+PHI: a scan is named by `display_label`: its scan id, unless that id is (or contains) the
+PatientID -- CQ500's ids "CQ500-CT-n" are the PatientID -- in which case a stable pseudonym
+``scan-<10 hex of sha256(scan id)>`` is used. PatientName, PatientID and PatientBirthDate are
+read from the DICOM header only with ``show_phi`` (``--show-phi``) and then shown in a marked
+section. DICOM paths are never written into a report (folder names often carry the patient).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import yaml
+
+from cache.store import FeatureCache
+from pipeline.features.encoder import load_encoder
+from pipeline.features.preprocess import preprocess_slice
+from pipeline.interpret import top_positions
+from pipeline.report.heatmap import conv_maps, display_image, overlay, upsample, weighted_map
+from pipeline.report.index import IndexRow, write_index
+from pipeline.report.render import ScanReport, TopSlice, write_report
+
+BRAIN_WINDOW = (40.0, 80.0)
+# A near-step window at -200 HU: 1 inside the head (tissue, bone), 0 in the air around it, so the
+# highlight never colours the background (coarse conv maps spill over the skull at 7x7).
+BODY_STEP = (-200.0, 1.0)
+PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate")
+
+
+class ReportError(RuntimeError):
+    """Inputs a report cannot be made from; the message says what to do."""
+
+
+@dataclass
+class ReportSource:
+    """Everything the reports of a set of scans are made from (arrays indexed by scan)."""
+
+    scan_id: np.ndarray              # (n,) str
+    patient_id: np.ndarray           # (n,) str
+    prob: np.ndarray                 # (n, C)
+    sample_idx: np.ndarray           # (n, m) slice index within the scan (z order)
+    slice_attention: np.ndarray      # (n, m)
+    feature_attention: np.ndarray    # (n, m, 512)
+    label_names: list[str]
+    threshold: float
+    cache: FeatureCache
+    provenance: dict                 # the cache's provenance (weights, resolutions, windows, aps_source, digest)
+    labels: np.ndarray | None = None  # (n, C) reference labels, NaN unknown
+    info: dict = field(default_factory=dict)  # shown in the report's provenance table
+    data_root: str | None = None     # override of the cache's data_root (DICOM moved)
+
+    def index_of(self, scan_id: str) -> int:
+        hits = np.flatnonzero(self.scan_id == scan_id)
+        if not len(hits):
+            raise ReportError(f"scan {scan_id!r} is not among the {len(self.scan_id)} scans of this run")
+        return int(hits[0])
+
+
+def display_label(scan_id: str, patient_id: str, show_phi: bool = False) -> str:
+    """The name a report gives a scan: the scan id, or a pseudonym where the id carries the PatientID."""
+    scan_id, patient_id = str(scan_id), str(patient_id or "")
+    if show_phi or not patient_id or (patient_id not in scan_id and scan_id not in patient_id):
+        return scan_id
+    return "scan-" + hashlib.sha256(scan_id.encode()).hexdigest()[:10]
+
+
+def safe_stem(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)[:120] or "scan"
+
+
+def read_phi(path: str | Path) -> dict:
+    """PatientName, PatientID, PatientBirthDate of one DICOM file (only called with --show-phi)."""
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=list(PHI_TAGS))
+    return {tag: str(ds.get(tag, "")) for tag in PHI_TAGS}
+
+
+def _resolve(path_like: str, base: Path) -> Path:
+    path = Path(path_like)
+    if path.is_absolute() or path.exists():
+        return path
+    return base / path
+
+
+def load_run_source(run_dir: str | Path, cache_path: str | Path | None = None, threshold: float | None = None) -> ReportSource:
+    """A run directory (run.json + oof.npz, see stages/train) -> ReportSource."""
+    run_dir = Path(run_dir)
+    meta_path, oof_path = run_dir / "run.json", run_dir / "oof.npz"
+    for required in (meta_path, oof_path):
+        if not required.is_file():
+            raise ReportError(f"{required} not found: is {run_dir} a finished `drct train` run directory?")
+    meta = json.loads(meta_path.read_text())
+    cache_file = Path(cache_path) if cache_path else _resolve(str(meta.get("cache", "")), run_dir)
+    cache = FeatureCache(cache_file)
+    oof = np.load(oof_path, allow_pickle=False)
+    if threshold is None:
+        threshold = 0.5
+        config_path = run_dir / "config.yaml"
+        if config_path.is_file():
+            config = yaml.safe_load(config_path.read_text()) or {}
+            threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
+    provenance = dict(cache.provenance)
+    provenance.update(meta.get("provenance") or {})
+    if meta.get("weights_digest"):
+        provenance["weights_digest"] = meta["weights_digest"]
+    model = meta.get("model")
+    info = {
+        "run": str(run_dir),
+        "model": model if isinstance(model, str) else json.dumps(model),
+        "predictions": "out-of-fold (each scan scored by the fold model that did not train on it)",
+        "feature cache": str(cache_file),
+    }
+    info.update({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in provenance.items()})
+    return ReportSource(
+        scan_id=np.asarray(oof["scan_id"]).astype(str),
+        patient_id=np.asarray(oof["patient_id"]).astype(str) if "patient_id" in oof else np.full(len(oof["scan_id"]), ""),
+        prob=np.asarray(oof["prob"], np.float64),
+        sample_idx=np.asarray(oof["sample_idx"], np.int64),
+        slice_attention=np.asarray(oof["slice_attention"], np.float64),
+        feature_attention=np.asarray(oof["feature_attention"], np.float32),
+        label_names=list(meta.get("label_names") or cache.label_names),
+        threshold=threshold,
+        cache=cache,
+        provenance=provenance,
+        labels=np.asarray(oof["labels"], np.float64) if "labels" in oof else None,
+        info=info,
+    )
+
+
+class HeatmapEncoder:
+    """The frozen VGG16 of the run's cache, loaded once, checked against the recorded digest."""
+
+    def __init__(self, provenance: dict):
+        weights = provenance.get("weights")
+        if not weights:
+            raise ReportError("the run's provenance does not name the encoder weights; cannot draw heat maps")
+        self.encoder, digest = load_encoder(str(weights))
+        want = provenance.get("weights_digest")
+        if want and digest != want:
+            raise ReportError(
+                f"encoder weights {weights!r} now have digest {digest[:12]}..., but the features were made with "
+                f"{str(want)[:12]}...: the heat maps would not match the model. Use the original weights file."
+            )
+        self.resolution = int(provenance["resolutions"][0])
+        self.windows = provenance["windows"]
+        self.aps_source = str(provenance.get("aps_source", "upsampled"))
+
+    def __call__(self, hu_slices: list[np.ndarray], weights: np.ndarray, display_size: int) -> np.ndarray:
+        import torch
+
+        x = torch.stack(
+            [preprocess_slice(hu, [self.resolution], self.windows, self.aps_source)[self.resolution] for hu in hu_slices]
+        )
+        maps = conv_maps(self.encoder, x)
+        return np.stack([upsample(weighted_map(maps[i], weights[i]), display_size) for i in range(len(hu_slices))])
+
+
+def _slice_paths(source: ReportSource, i: int) -> tuple[list[Path], int]:
+    cache = source.cache
+    index = cache.index_of(str(source.scan_id[i]))
+    table = cache.table
+    rows = table.rows(index)
+    root = Path(source.data_root or cache.attrs.get("data_root") or ".")
+    paths = [_resolve(str(p), root) for p in table.path[rows]]
+    return paths, int(table.n_slices[index])
+
+
+def build_scan_report(
+    source: ReportSource,
+    i: int,
+    encoder: HeatmapEncoder,
+    read_hu: Callable[[str], np.ndarray],
+    show_phi: bool = False,
+    thumb_size: int = 96,
+    display_size: int = 256,
+    k: int = 5,
+) -> ScanReport:
+    """The report of scan i of `source` (reads its m sampled DICOM slices, runs the encoder on the top k)."""
+    paths, n_slices = _slice_paths(source, i)
+    sample = source.sample_idx[i]
+    if sample.max() >= n_slices or sample.min() < 0:
+        raise ReportError(f"scan {source.scan_id[i]!r}: sampled slice index out of range of its {n_slices} slices")
+    hu = {}
+    for idx in np.unique(sample):
+        try:
+            hu[int(idx)] = read_hu(str(paths[idx]))
+        except Exception as exc:  # noqa: BLE001 - report which slice cannot be read, without its path
+            raise ReportError(f"scan {display_label(source.scan_id[i], source.patient_id[i], show_phi)}: "
+                              f"slice {int(idx) + 1} cannot be read ({type(exc).__name__}: {exc})") from None
+    attention = source.slice_attention[i]
+    thumbs = np.stack([display_image(hu[int(idx)], BRAIN_WINDOW, thumb_size) for idx in sample])
+    top = top_positions(attention, k)
+    heat = encoder([hu[int(sample[p])] for p in top], source.feature_attention[i][top].astype(np.float32), display_size)
+    top_slices = [
+        TopSlice(
+            position=int(p),
+            slice_index=int(sample[p]),
+            attention=float(attention[p]),
+            image=overlay(
+                display_image(hu[int(sample[p])], BRAIN_WINDOW, display_size),
+                heat[r] * display_image(hu[int(sample[p])], BODY_STEP, display_size),
+            ),
+        )
+        for r, p in enumerate(top)
+    ]
+    phi = None
+    if show_phi:
+        try:
+            phi = read_phi(paths[int(sample[0])])
+        except Exception as exc:  # noqa: BLE001
+            phi = {"error": f"header unreadable: {type(exc).__name__}"}
+    return ScanReport(
+        label=display_label(source.scan_id[i], source.patient_id[i], show_phi),
+        attention=np.asarray(attention, np.float64),
+        slice_index=np.asarray(sample),
+        thumbnails=thumbs,
+        top=top_slices,
+        class_names=list(source.label_names),
+        prob=np.asarray(source.prob[i], np.float64),
+        threshold=source.threshold,
+        truth=None if source.labels is None else np.asarray(source.labels[i], np.float64),
+        provenance=dict(source.info),
+        phi=phi,
+        n_slices=n_slices,
+    )
+
+
+def write_reports(
+    source: ReportSource,
+    out_dir: str | Path,
+    scan_ids: Sequence[str] | None = None,
+    show_phi: bool = False,
+    read_hu: Callable[[str], np.ndarray] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Write one HTML + PNG per scan and index.html; returns {"index": path, "scans": [...], "failed": [...]}.
+
+    A scan whose report cannot be made (unreadable slice) is listed under "failed" with the reason;
+    the others are still written.
+    """
+    if read_hu is None:
+        from pipeline.data.dicom_io import read_hu as read_hu_default
+
+        read_hu = read_hu_default
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    indices = list(range(len(source.scan_id))) if not scan_ids else [source.index_of(s) for s in scan_ids]
+    encoder = HeatmapEncoder(source.provenance)
+    rows, written, failed, used = [], [], [], set()
+    for i in indices:
+        label = display_label(source.scan_id[i], source.patient_id[i], show_phi)
+        try:
+            report = build_scan_report(source, i, encoder, read_hu, show_phi=show_phi)
+        except ReportError as exc:
+            failed.append({"scan": label, "reason": str(exc)})
+            continue
+        stem = safe_stem(label)
+        while stem in used:
+            stem += "_"
+        used.add(stem)
+        html_path, png_path = write_report(report, out_dir / "scans", stem)
+        rows.append(IndexRow(label=label, href=f"scans/{html_path.name}", prob=report.prob, findings=report.findings))
+        written.append({"scan": label, "html": str(html_path), "png": str(png_path),
+                        "top_positions": [t.position for t in report.top]})
+        if progress:
+            progress(label)
+    index = write_index(out_dir / "index.html", rows, source.label_names, source.threshold)
+    summary = {"index": str(index), "scans": written, "failed": failed}
+    (out_dir / "reports.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,258 @@
+"""Stage two: train DrCT1/DrCT2 heads on the in-memory feature cache with patient-grouped
+k-fold cross-validation, and write the run directory (format in stages/train.py's help and
+below). The CNN never runs here: the APS "zoom in" is a gather of 512-resolution rows.
+
+Run directory::
+
+    config.yaml   the merged config          run.json   cache, provenance, labels, folds, resolutions
+    fold_<k>/checkpoint.pt, fold_<k>/history.json
+    oof.npz       out-of-fold predictions with slice and feature attentions (see write_oof)
+
+The checkpoint of a fold is the model after the last epoch (the paper trains a fixed 100
+epochs; choosing the best epoch on the validation fold would bias the out-of-fold metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from cache.store import FeatureCache
+from pipeline.features.provenance import config_provenance, provenance_differences
+from pipeline.heads.build import build_model, predict
+from pipeline.heads.drct2 import DrCT
+from pipeline.metrics import classification_metrics
+from pipeline.training.checkpoint import save_checkpoint
+from pipeline.training.dataset import CachedFeatures
+from pipeline.training.folds import assign_folds
+from pipeline.training.losses import DrCTLoss
+from pipeline.training.sampler import eval_positions, train_positions
+
+
+class TrainingError(ValueError):
+    """A training run that cannot start (bad cache, config or fold); the message says why."""
+
+
+class ProvenanceMismatch(TrainingError):
+    """The cache was made with other extraction settings than the config asks for."""
+
+
+def check_provenance(cache: FeatureCache, config: dict) -> None:
+    """Refuse a cache whose provenance differs from config["extract"], naming each field."""
+    differences = provenance_differences(cache.provenance, config_provenance(config["extract"]))
+    if differences:
+        raise ProvenanceMismatch(f"cache {cache.path} does not match the config: " + "; ".join(differences))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise TrainingError(f"train.device '{name}' is not a device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device is '{name}' but CUDA is not available; use cpu or auto")
+    return device
+
+
+def resolutions(config: dict, cache: FeatureCache) -> dict[str, int]:
+    """Primary = the first cached resolution; APS = the last (or the first: Table 4 ablation)."""
+    which = str(config["model"]["aps_resolution"])
+    if which not in ("last", "first"):
+        raise TrainingError(f"model.aps_resolution must be 'last' or 'first', not '{which}'")
+    res = cache.resolutions
+    return {"primary": int(res[0]), "aps": int(res[-1] if which == "last" else res[0])}
+
+
+def optimizer_for(model: DrCT, config: dict) -> torch.optim.Optimizer:
+    t = config["train"]
+    return torch.optim.Adam(model.parameter_groups(float(t["lr_primary"]), float(t["lr_aps"]), float(t["lr_fusion"])))
+
+
+def train_epoch(
+    model: DrCT,
+    data: CachedFeatures,
+    scans: np.ndarray,
+    m: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: DrCTLoss,
+    rng: np.random.Generator,
+    augment: bool = True,
+    bar: tqdm | None = None,
+) -> dict[str, float]:
+    """One pass over `scans` in a random order; returns mean losses and timings."""
+    model.train()
+    order = rng.permutation(scans)
+    totals: dict[str, float] = {}
+    n_seen = 0
+    data_seconds = 0.0
+    start = time.perf_counter()
+    for first in range(0, len(order), batch_size):
+        t0 = time.perf_counter()
+        chunk = order[first : first + batch_size]
+        n = data.n_slices[chunk]
+        positions = train_positions(n, m, rng) if augment else eval_positions(n, m)
+        batch = data.batch(chunk, positions)
+        getter = data.aps_getter(batch.rows)
+        data_seconds += time.perf_counter() - t0
+        out = model(batch.primary, getter)
+        loss, parts = loss_fn(out, batch.labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        weight = len(chunk)
+        n_seen += weight
+        totals["loss"] = totals.get("loss", 0.0) + loss.item() * weight
+        for key, value in parts.items():
+            totals[f"loss_{key}"] = totals.get(f"loss_{key}", 0.0) + value.item() * weight
+        if bar is not None:
+            bar.update(weight)
+            bar.set_postfix(loss=f"{totals['loss'] / n_seen:.4f}", refresh=False)
+    result = {key: value / max(n_seen, 1) for key, value in totals.items()}
+    result["seconds"] = time.perf_counter() - start
+    result["data_seconds"] = data_seconds
+    return result
+
+
+def predict_scans(model: DrCT, data: CachedFeatures, scans: np.ndarray, m: int, batch_size: int, seed: int = 0) -> dict:
+    """Deterministic evaluation of `scans`: the evaluation sample, then model outputs, as numpy."""
+    collected: dict[str, list] = {}
+    model.generator = torch.Generator().manual_seed(seed) if model.selection == "random" else None
+    try:
+        for first in range(0, len(scans), batch_size):
+            chunk = np.asarray(scans[first : first + batch_size])
+            positions = eval_positions(data.n_slices[chunk], m)
+            batch = data.batch(chunk, positions)
+            out = predict(model, batch.primary, data.aps_getter(batch.rows))
+            out["sample_idx"] = positions
+            for key, value in out.items():
+                collected.setdefault(key, []).append(value)
+    finally:
+        model.generator = None
+    return {key: np.concatenate(values) for key, values in collected.items()}
+
+
+def write_oof(path: Path, data: CachedFeatures, scans: np.ndarray, fold: np.ndarray, preds: dict) -> Path:
+    """oof.npz: one row per evaluated scan (no pickles; strings as unicode arrays)."""
+    np.savez(
+        path,
+        scan_id=np.asarray([str(s) for s in data.scan_id[scans]], dtype=str),
+        patient_id=np.asarray([str(p) for p in data.patient_id[scans]], dtype=str),
+        cache_index=np.asarray(scans, np.int64),
+        fold=np.asarray(fold, np.int64),
+        labels=data.labels[scans].astype(np.float32),
+        prob=preds["prob"].astype(np.float32),
+        prob_primary=preds["prob_primary"].astype(np.float32),
+        prob_aps=preds["prob_aps"].astype(np.float32),
+        sample_idx=preds["sample_idx"].astype(np.int64),
+        slice_attention=preds["slice_attention"].astype(np.float32),
+        feature_attention=preds["feature_attention"].astype(np.float16),
+        aps_idx=preds["aps_idx"].astype(np.int64),
+    )
+    return path
+
+
+def run_training(
+    config: dict,
+    cache_path: str | Path,
+    out_dir: str | Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Cross-validated training as configured; writes and returns run.json's content."""
+    t = config["train"]
+    if t.get("threads"):
+        torch.set_num_threads(int(t["threads"]))
+    cache = FeatureCache(cache_path)
+    check_provenance(cache, config)
+    res = resolutions(config, cache)
+    names = list(cache.label_names)
+    if not names:
+        raise TrainingError(f"cache {cache.path} has no label names (a folder-layout cache cannot be trained on)")
+    device = resolve_device(t["device"])
+    m = int(config["sampler"]["m"])
+    k = int(t["folds"])
+    seed = int(t["seed"])
+    build_model(config, len(names))  # fail on a bad model config before loading the cache
+
+    data = CachedFeatures.from_cache(cache, res["primary"], res["aps"], device)
+    labelled = data.labelled
+    if len(labelled) == 0:
+        raise TrainingError(f"cache {cache.path} has no scan with known labels")
+    fold_of = assign_folds(data.patient_id[labelled], data.labels[labelled], k, seed)
+    folds_run = list(range(k)) if t.get("fold") is None else [int(t["fold"])]
+    if any(not 0 <= f < k for f in folds_run):
+        raise TrainingError(f"train.fold = {t['fold']} is not in 0..{k - 1}")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    run_info = {
+        "cache": str(cache_path),
+        "provenance": cache.provenance,
+        "weights_digest": cache.provenance.get("weights_digest"),
+        "label_names": names,
+        "model": str(config["model"]["name"]),
+        "folds": k,
+        "folds_run": folds_run,
+        "resolutions": res,
+        "seed": seed,
+        "m": m,
+        "m_key": int(config["model"]["m_key"]),
+        "n_scans": int(len(labelled)),
+    }
+    loss_fn = DrCTLoss(str(t["loss"]))
+    batch_size = int(t["batch_size"])
+    eval_batch = int(t.get("eval_batch_size") or 512)
+    epochs = int(t["epochs"])
+    if epochs < 1:
+        raise TrainingError(f"train.epochs must be at least 1, got {epochs}")
+    augment = bool(config["sampler"].get("augment", True))
+    all_scans, all_folds, all_preds = [], [], []
+    for fold in folds_run:
+        torch.manual_seed(seed * 1000 + fold)
+        rng = np.random.default_rng([seed, fold])
+        train_scans = labelled[fold_of != fold]
+        val_scans = labelled[fold_of == fold]
+        model = build_model(config, len(names)).to(device)
+        optimizer = optimizer_for(model, config)
+        history = []
+        val_f1 = float("nan")
+        for epoch in range(1, epochs + 1):
+            bar = tqdm(
+                total=len(train_scans),
+                desc=f"fold {fold} epoch {epoch}/{epochs}",
+                unit="scan",
+                leave=False,
+                disable=not progress,
+            )
+            stats = train_epoch(model, data, train_scans, m, batch_size, optimizer, loss_fn, rng, augment, bar)
+            preds = predict_scans(model, data, val_scans, m, eval_batch, seed)
+            val_f1 = classification_metrics(data.labels[val_scans], preds["prob"], names)["macro_f1"]
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", val_macro_f1=f"{val_f1:.4f}")
+            bar.close()
+            history.append({"epoch": epoch, **stats, "val_macro_f1": val_f1})
+        fold_dir = out / f"fold_{fold}"
+        save_checkpoint(fold_dir / "checkpoint.pt", model, config, cache.provenance, names, fold)
+        (fold_dir / "history.json").write_text(json.dumps(history, indent=1))
+        log(f"fold {fold}: {len(train_scans)} train / {len(val_scans)} validation scans, "
+            f"loss {history[-1]['loss']:.4f}, validation macro-F1 {val_f1:.4f}")
+        all_scans.append(val_scans)
+        all_folds.append(np.full(len(val_scans), fold))
+        all_preds.append(preds)
+    scans = np.concatenate(all_scans)
+    order = np.argsort(scans, kind="stable")
+    merged = {key: np.concatenate([p[key] for p in all_preds])[order] for key in all_preds[0]}
+    write_oof(out / "oof.npz", data, scans[order], np.concatenate(all_folds)[order], merged)
+    (out / "run.json").write_text(json.dumps(run_info, indent=1))
+    cache.close()
+    return run_info

@@ -1,0 +1,97 @@
+"""`drct extract`: stage one, DICOM tree -> frozen VGG16 vectors at every resolution -> HDF5 cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.config import ConfigError, load_config
+
+LAYOUTS = ("rsna", "cq500", "folder")
+
+
+def _resolutions(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give a comma list of integers, e.g. 224,512") from None
+
+
+@click.command("extract")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (defaults: configs/defaults.yaml).")
+@click.option("--data", help="Root of the DICOM tree [dataset.data].")
+@click.option("--layout", type=click.Choice(LAYOUTS), help="Dataset layout [dataset.layout].")
+@click.option("--labels", help="Label CSV; default: the layout's own file [dataset.labels].")
+@click.option("--out", help="The HDF5 feature cache to write [extract.out].")
+@click.option("--resolutions", help="Comma list of input sizes, smallest first, e.g. 224,512 [extract.resolutions].")
+@click.option("--weights", help="imagenet | path/to/vgg16_state_dict.pth | random:SEED [extract.weights].")
+@click.option("--aps-source", type=click.Choice(["upsampled", "native"]), help="Larger-resolution input [extract.aps_source].")
+@click.option("--device", help="auto | cpu | cuda | cuda:N [extract.device].")
+@click.option("--scheduler", help="Address of an existing dask.distributed scheduler; default: a local cluster.")
+@click.option("--workers", type=int, help="Local cluster decoding processes; 0 = decode in this process [extract.workers].")
+@click.option("--batch-size", type=int, help="Slices per forward pass [extract.batch_size].")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="auto = bf16 where fast [extract.precision].")
+@click.option("--scans-per-commit", type=int, help="Scans per crash-safe commit unit [extract.scans_per_commit].")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar with slices/s on stderr.")
+def extract(config_path, data, layout, labels, out, resolutions, weights, aps_source, device, scheduler, workers,
+            batch_size, precision, scans_per_commit, progress):
+    """Stage one: run the frozen VGG16 over every slice of every scan at every resolution.
+
+    \b
+    Each slice: HU -> three CT windows -> resized to each resolution -> ImageNet
+    normalisation -> VGG16 conv layers -> global max pool -> 512 float16 values,
+    stored in one HDF5 cache with its provenance (see `drct cache info`).
+
+    \b
+    Decoding runs on a dask cluster (local by default, or --scheduler ADDRESS);
+    inference runs batched on CUDA when present, else the CPU (bf16 where fast).
+    Crash safe and resumable: scans are committed in small units beside OUT
+    (OUT.parts/); run the same command again after a crash or kill and it
+    continues where it stopped. A changed configuration is refused, naming the
+    field. Undecodable slices or scans go to OUT's .rejects.csv with a reason.
+    """
+    from cache.store import CacheError
+    from pipeline.features.encoder import EncoderError
+    from pipeline.features.extraction import run_extraction
+    from pipeline.features.preprocess import PreprocessError
+
+    overrides = {
+        "dataset.data": data,
+        "dataset.layout": layout,
+        "dataset.labels": labels,
+        "extract.out": out,
+        "extract.resolutions": _resolutions(resolutions),
+        "extract.weights": weights,
+        "extract.aps_source": aps_source,
+        "extract.device": device,
+        "extract.scheduler": scheduler,
+        "extract.workers": workers,
+        "extract.batch_size": batch_size,
+        "extract.precision": precision,
+        "extract.scans_per_commit": scans_per_commit,
+    }
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    dataset = config["dataset"]
+    root = Path(dataset["data"])
+    if not root.is_dir():
+        raise click.ClickException(f"data folder not found: {root} (give --data or dataset.data)")
+    index = _build_index(root, dataset["layout"], dataset.get("labels"), progress)
+    try:
+        run_extraction(index, config, progress=progress)
+    except (CacheError, EncoderError, PreprocessError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _build_index(root: Path, layout: str, labels, progress: bool):
+    from pipeline.data.index import build_scan_index
+
+    try:
+        return build_scan_index(root, layout, labels, progress=progress)
+    except (ValueError, OSError, KeyError) as exc:
+        raise click.ClickException(f"cannot index the DICOM tree {root} as layout {layout!r}: {exc}") from None

@@ -1,0 +1,135 @@
+"""Write small synthetic CT DICOM files for the reader tests (16-32 px, a few slices).
+
+Each keyword of `write_slice` sets one header field a pitfall depends on; ``omit`` removes tags
+(e.g. ImagePositionPatient) after the fact, ``truncate_pixels`` cuts the pixel data short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def tilted_iop(degrees: float) -> tuple[float, ...]:
+    """IOP of a gantry tilted about the x axis: column cosine (0, cos t, -sin t)."""
+    t = np.deg2rad(degrees)
+    return (1.0, 0.0, 0.0, 0.0, float(np.cos(t)), float(-np.sin(t)))
+
+
+def write_slice(
+    path: str | Path,
+    pixels: np.ndarray,
+    *,
+    ipp: Sequence[float] | None = (0.0, 0.0, 0.0),
+    iop: Sequence[float] | None = AXIAL,
+    instance_number: int | None = 1,
+    series_uid: str = "1.2.3.4",
+    study_uid: str = "1.2.3",
+    patient_id: str = "P1",
+    sop_uid: str | None = None,
+    bits_stored: int = 16,
+    pixel_representation: int = 1,
+    intercept: str = "-1024",
+    slope: str = "1",
+    photometric: str = "MONOCHROME2",
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+    series_description: str = "CT Plain",
+    slice_thickness: float | None = 5.0,
+    window_center: Sequence[str] | str = "40",
+    implicit_vr: bool = False,
+    frames: int = 1,
+    truncate_pixels: int = 0,
+    omit: Sequence[str] = (),
+) -> str:
+    """Write one CT slice with raw stored values `pixels` (int array, (H, W) or (frames, H, W))."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sop_uid = sop_uid or generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit_vr else ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientID = patient_id
+    ds.Modality = "CT"
+    ds.ImageType = list(image_type)
+    ds.SeriesDescription = series_description
+    if ipp is not None:
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
+    if iop is not None:
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
+    if instance_number is not None:
+        ds.InstanceNumber = instance_number
+    if slice_thickness is not None:
+        ds.SliceThickness = slice_thickness
+    ds.PixelSpacing = ["0.5", "0.5"]
+    ds.WindowCenter = window_center
+    ds.WindowWidth = "80"
+    ds.RescaleIntercept = intercept
+    ds.RescaleSlope = slope
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = pixel_representation
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.Rows, ds.Columns = int(pixels.shape[-2]), int(pixels.shape[-1])
+    data = pixels.astype(np.int16 if pixel_representation else np.uint16).tobytes()
+    if truncate_pixels:
+        data = data[:-truncate_pixels]
+    ds.PixelData = data
+    for tag in omit:
+        if tag in ds:
+            delattr(ds, tag)
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+def write_series(
+    folder: str | Path,
+    n: int,
+    *,
+    size: int = 16,
+    spacing: float = 5.0,
+    z0: float = 0.0,
+    iop: Sequence[float] = AXIAL,
+    names: Sequence[str] | None = None,
+    seed: int = 0,
+    **kwargs,
+) -> list[str]:
+    """Write n slices of one series at positions z0 + k * spacing along the IOP normal.
+
+    Pixel value of slice k is k + 1 everywhere (so order can be checked from pixels); file names
+    default to a shuffled order so that name order is not z order."""
+    folder = Path(folder)
+    normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    paths = []
+    for k in range(n):
+        ipp = tuple(float(v) for v in normal * (z0 + k * spacing) + np.array([-4.0, -4.0, 0.0]))
+        name = names[k] if names else f"IM{order[k]:04d}.dcm"
+        paths.append(
+            write_slice(
+                folder / name,
+                np.full((size, size), k + 1, dtype=np.int16),
+                ipp=ipp,
+                iop=iop,
+                instance_number=k + 1,
+                **kwargs,
+            )
+        )
+    return paths

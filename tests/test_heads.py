@@ -1,0 +1,171 @@
+"""Shapes, values and gradients of every head module (paper V, eqs. 3-10)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import load_config
+from pipeline.heads.aps import APSNetwork
+from pipeline.heads.build import build_model, predict
+from pipeline.heads.classifier import make_classifier
+from pipeline.heads.dependencies import DependenciesLearning
+from pipeline.heads.drct2 import gather_aps, select_slices
+from pipeline.heads.feature_attention import FeatureAttention
+from pipeline.heads.fusion import KnowledgeFusion
+from pipeline.heads.primary import PrimaryNetwork
+from pipeline.heads.slice_attention import SliceAttention
+
+torch.set_num_threads(1)
+B, M, K, D, C = 3, 8, 4, 512, 5
+SMALL = {
+    "sampler.m": M, "model.m_key": K, "model.gru_hidden": 8, "model.aps_gru_hidden": 6, "model.aps_fc": 16,
+    "model.fc_hidden": [12, 10], "model.fusion_dim": 14,
+}
+
+
+def small_config(**extra) -> dict:
+    return load_config(None, {**SMALL, **extra})
+
+
+def test_feature_attention_is_eq3_without_parameters():
+    z = torch.rand(B, M, D) * 4
+    x, w = FeatureAttention(D)(z)
+    zn = z.numpy().astype(np.float64)
+    expected_w = np.exp(zn) / np.exp(zn).sum(-1, keepdims=True)
+    np.testing.assert_allclose(w.numpy(), expected_w, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(x.numpy(), zn * expected_w, rtol=1e-5, atol=1e-7)
+    assert sum(p.numel() for p in FeatureAttention(D).parameters()) == 0
+    assert sum(p.numel() for p in FeatureAttention(D, learnable=True).parameters()) == D * D + D
+
+
+def test_dependencies_bigru_eq4_shapes_and_both_directions():
+    module = DependenciesLearning(D, hidden=7)
+    x = torch.randn(B, M, D, requires_grad=True)
+    y = module(x)
+    assert y.shape == (B, M, 14)
+    assert y.abs().max() <= 1  # tanh g
+    # the backward direction carries information from the last slice to the first output
+    y[:, 0].sum().backward()
+    assert x.grad[:, -1].abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown activation"):
+        DependenciesLearning(D, 4, "swish")
+
+
+def test_slice_attention_eqs_5_6():
+    module = SliceAttention(10)
+    y = torch.randn(B, M, 10)
+    weighted, w = module(y)
+    a = (y @ module.mapping.weight.T + module.mapping.bias).squeeze(-1)
+    expected = torch.softmax(a, dim=1)
+    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(w.sum(1), torch.ones(B))
+    torch.testing.assert_close(weighted, y * expected.unsqueeze(-1))
+
+
+def test_classifier_is_three_fc_layers_with_dropout_half():
+    net = make_classifier(20, [16, 8], C, 0.5)
+    linears = [mod for mod in net if isinstance(mod, nn.Linear)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(20, 16), (16, 8), (8, C)]
+    assert [mod.p for mod in net if isinstance(mod, nn.Dropout)] == [0.5, 0.5]
+    assert sum(isinstance(mod, nn.ReLU) for mod in net) == 2
+    assert net(torch.randn(B, 20)).shape == (B, C)
+
+
+@pytest.mark.parametrize("readout", ["sum", "flatten"])
+def test_primary_network_shapes_and_gradients(readout):
+    net = PrimaryNetwork(C, M, D, gru_hidden=8, fc_hidden=[12, 10], readout_mode=readout)
+    out = net(torch.rand(B, M, D))
+    assert out["logits"].shape == (B, C)
+    assert out["matrix"].shape == (B, M, 16)
+    assert out["pooled"].shape == ((B, 16) if readout == "sum" else (B, M * 16))
+    assert out["slice_attention"].shape == (B, M)
+    assert out["feature_attention"].shape == (B, M, D)
+    torch.testing.assert_close(out["prob"], torch.sigmoid(out["logits"]))
+    out["logits"].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_aps_network_shapes_and_gradients():
+    net = APSNetwork(C, K, D, fc_dim=16, gru_hidden=6, fc_hidden=[12, 10])
+    assert isinstance(net.norm, nn.BatchNorm1d)
+    out = net(torch.rand(B, K, D))
+    assert out["logits"].shape == (B, C)
+    assert out["matrix"].shape == (B, K, 12)
+    out["logits"].sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_select_slices_topk_in_z_order_and_random():
+    w = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05], [0.4, 0.1, 0.2, 0.1, 0.2]])
+    chosen = select_slices(w, 3)
+    assert chosen.tolist() == [[0, 1, 3], [0, 2, 4]] or chosen.tolist() == [[0, 1, 3], [0, 2, 4]]
+    g1 = torch.Generator().manual_seed(3)
+    g2 = torch.Generator().manual_seed(3)
+    r1, r2 = select_slices(w, 3, "random", g1), select_slices(w, 3, "random", g2)
+    assert torch.equal(r1, r2)
+    assert all(len(set(row)) == 3 and row == sorted(row) for row in r1.tolist())
+
+
+def test_fusion_modes_shapes():
+    p = {"matrix": torch.randn(B, M, 16)}
+    a = {"matrix": torch.randn(B, K, 12)}
+    idx = torch.tensor([[0, 2, 4, 6]] * B)
+    for mode in ("pooled_sum", "scatter_sum"):
+        fusion = KnowledgeFusion(C, mode, 16, 12, M, fusion_dim=14, fc_hidden=[12, 10])
+        assert fusion(p, a, idx).shape == (B, C)
+    # scatter_sum puts the projected APS rows at their slice positions
+    fusion = KnowledgeFusion(C, "scatter_sum", 16, 12, M, fc_hidden=[12, 10])
+    captured = {}
+    fusion.classifier.register_forward_hook(lambda mod, inp, out: captured.setdefault("x", inp[0]))
+    fusion(p, a, idx)
+    summed = captured["x"].reshape(B, M, 16)
+    projected = fusion.project_aps(a["matrix"])
+    torch.testing.assert_close(summed[:, 2], p["matrix"][:, 2] + projected[:, 1])
+    torch.testing.assert_close(summed[:, 1], p["matrix"][:, 1])
+
+
+def test_drct2_forward_uses_selected_slices_and_all_parts_learn():
+    model = build_model(small_config(), C)
+    z = torch.rand(B, M, D)
+    aps_all = torch.rand(B, M, D)
+    seen = {}
+
+    def getter(aps_idx):
+        seen["idx"] = aps_idx
+        return gather_aps(aps_all, aps_idx)
+
+    out = model(z, getter)
+    expected_idx = torch.sort(torch.topk(out["slice_attention"], K, dim=1).indices, dim=1).values
+    assert torch.equal(out["aps_idx"], expected_idx) and torch.equal(seen["idx"], expected_idx)
+    for key, shape in {"logits": (B, C), "prob": (B, C), "prob_primary": (B, C), "prob_aps": (B, C),
+                       "slice_attention": (B, M), "feature_attention": (B, M, D), "aps_idx": (B, K)}.items():
+        assert out[key].shape == shape, key
+    (out["logits"].sum() + out["logits_aps"].sum() + out["logits_primary"].sum()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+    # a tensor of all m APS vectors and the getter give the same result
+    model.eval()
+    torch.testing.assert_close(model(z, aps_all)["logits"], model(z, getter)["logits"])
+
+
+def test_drct1_output_format_and_param_groups():
+    model = build_model(small_config(**{"model.name": "drct1"}), C)
+    out = predict(model, torch.rand(B, M, D))
+    np.testing.assert_array_equal(out["prob"], out["prob_primary"])
+    assert np.isnan(out["prob_aps"]).all()
+    assert (out["aps_idx"] == -1).all() and out["aps_idx"].shape == (B, K)
+    assert [g["name"] for g in model.parameter_groups(1, 2, 3)] == ["primary"]
+    groups = build_model(small_config(), C).parameter_groups(5e-4, 3e-4, 5e-4)
+    assert [(g["name"], g["lr"]) for g in groups] == [("primary", 5e-4), ("aps", 3e-4), ("fusion", 5e-4)]
+
+
+def test_build_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="m_key = 9 must be between 1 and sampler.m = 8"):
+        build_model(small_config(**{"model.m_key": 9}), C)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model(small_config(**{"model.name": "drct3"}), C)
+    with pytest.raises(ValueError, match="unknown fusion"):
+        build_model(small_config(**{"model.fusion": "concat"}), C)

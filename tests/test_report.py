@@ -1,0 +1,178 @@
+"""Per-scan reports (Figure 2): heat-map maths, HTML/PNG rendering, PHI, index, a real browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from click.testing import CliRunner
+
+from pipeline.data.index import build_scan_index
+from pipeline.interpret import top_positions
+from pipeline.report.build import display_label, load_run_source, write_reports
+from pipeline.report.heatmap import overlay, weighted_map
+from pipeline.report.index import IndexRow, render_index
+from stages.report import report as report_cmd
+from report_fixtures import cache_from_index, run_from_cache, tiny_provenance
+
+PATIENT_NAME = "Doe^Jane^Phiname"
+BIRTH_DATE = "19450317"
+
+
+def test_weighted_map_hand_case():
+    maps = np.zeros((3, 2, 2), np.float32)
+    maps[0] = [[1, 0], [0, 0]]
+    maps[1] = [[0, 2], [0, 0]]
+    maps[2] = [[0, 0], [5, 0]]
+    got = weighted_map(maps, np.array([1.0, 1.0, -1.0]))  # relu(1, 2; -5, 0) / 2
+    assert got.tolist() == [[0.5, 1.0], [0.0, 0.0]]
+    assert weighted_map(np.zeros((2, 2, 2)), np.ones(2)).max() == 0
+    with pytest.raises(ValueError, match="weights"):
+        weighted_map(maps, np.ones(4))
+
+
+def test_overlay_leaves_cold_pixels_grey():
+    gray = np.full((4, 4), 0.5)
+    heat = np.zeros((4, 4))
+    heat[0, 0] = 1.0
+    out = overlay(gray, heat, alpha=0.5, floor=0.3)
+    assert out.dtype == np.uint8 and out.shape == (4, 4, 3)
+    assert out[1, 1].tolist() == [128, 128, 128]
+    assert out[0, 0].tolist() == [191, 191, 64]  # 0.5*grey + 0.5*yellow
+
+
+def test_display_label_hides_patient_id():
+    assert display_label("CQ500-CT-427", "CQ500-CT-427") != "CQ500-CT-427"
+    assert display_label("CQ500-CT-427", "CQ500-CT-427").startswith("scan-")
+    assert display_label("CQ500-CT-427", "CQ500-CT-427", show_phi=True) == "CQ500-CT-427"
+    assert display_label("ID_0e2c4f8c41", "ID_3d6095f6") == "ID_0e2c4f8c41"
+
+
+def test_index_page_sorts_and_links():
+    rows = [IndexRow("a", "scans/a.html", np.array([0.2, 0.9]), ["SDH"]), IndexRow("b", "scans/b.html", np.array([0.1, 0.3]), [])]
+    page = render_index(rows, ["ICH", "SDH"], 0.5)
+    assert page.count("<tr><td><a href=") == 2 and 'href="scans/a.html"' in page
+    assert 'data-type="num"' in page and "addEventListener('click'" in page
+
+
+@pytest.fixture(scope="module")
+def phantom_run(tmp_path_factory):
+    """One phantom RSNA scan whose DICOM headers carry a patient name and birth date."""
+    from pipeline.data.phantom import make_phantom
+
+    root = tmp_path_factory.mktemp("phantom")
+    make_phantom(root / "dicom", layout="rsna", scans=1, seed=3, size=64)
+    for path in (root / "dicom" / "stage_2_train").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.PatientName = PATIENT_NAME
+        ds.PatientBirthDate = BIRTH_DATE
+        ds.save_as(path)
+    index = build_scan_index(root / "dicom", "rsna", workers=1, progress=False)
+    provenance = tiny_provenance()
+    cache = cache_from_index(index, root / "features.h5", provenance)
+    return run_from_cache(root / "run", cache, index, provenance, m=8), index
+
+
+def _check_reports(summary, source, out: Path, forbidden: list[str]):
+    assert not summary["failed"]
+    assert (out / "index.html").is_file()
+    for entry, i in zip(summary["scans"], range(len(source.scan_id))):
+        html_path, png_path = Path(entry["html"]), Path(entry["png"])
+        assert html_path.is_file() and png_path.is_file() and png_path.read_bytes()[:4] == b"\x89PNG"
+        # the five large slices are the five highest-attention positions, in rank order
+        assert entry["top_positions"] == top_positions(source.slice_attention[i], 5).tolist()
+        page = html_path.read_text()
+        text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+        m = source.sample_idx.shape[1]
+        assert len(re.findall(r'<img src="data:image/png;base64,', page)) == m + 5
+        assert "http://" not in page and "https://" not in page
+        for word in forbidden:
+            assert word.lower() not in text.lower(), word
+        index_page = (out / "index.html").read_text()
+        for word in forbidden:
+            assert word.lower() not in index_page.lower(), word
+        assert not any(word.lower() in p.name.lower() for p in out.rglob("*") for word in forbidden)
+
+
+def test_report_on_phantom_scan_has_no_phi(phantom_run, tmp_path):
+    run_dir, index = phantom_run
+    source = load_run_source(run_dir)
+    summary = write_reports(source, tmp_path / "out")
+    scan = index.scans[0]
+    _check_reports(summary, source, tmp_path / "out", ["Doe", "Phiname", BIRTH_DATE, scan.patient_id])
+    page = Path(summary["scans"][0]["html"]).read_text()
+    assert scan.scan_id in page  # the study id is not the PatientID: shown
+    for name, p in zip(source.label_names, source.prob[0]):
+        assert f"<td>{name}</td><td>{p:.3f}</td>" in page
+
+
+def test_show_phi_flag_shows_patient(phantom_run, tmp_path):
+    run_dir, index = phantom_run
+    result = CliRunner().invoke(report_cmd, [str(run_dir), "--out", str(tmp_path / "o"), "--show-phi"])
+    assert result.exit_code == 0, result.output
+    page = next((tmp_path / "o" / "scans").glob("*.html")).read_text()
+    assert "Doe^Jane^Phiname" in page and BIRTH_DATE in page
+
+
+def test_report_cli_errors_are_messages(tmp_path, phantom_run):
+    result = CliRunner().invoke(report_cmd, [str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "run.json" in result.output and "Traceback" not in result.output
+    run_dir, _ = phantom_run
+    result = CliRunner().invoke(report_cmd, [str(run_dir), "--out", str(tmp_path / "o"), "--scan", "nope"])
+    assert result.exit_code != 0 and "'nope' is not among" in result.output
+
+
+@pytest.fixture(scope="module")
+def real_cq500_run(real_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cq500")
+    index = build_scan_index(real_data / "cq500", "cq500", labels_csv=real_data / "cq500" / "reads_subset.csv",
+                             workers=1, progress=False)
+    index.scans = [s for s in index.scans if s.scan_id == "CQ500-CT-427"]
+    provenance = tiny_provenance()
+    cache = cache_from_index(index, root / "features.h5", provenance)
+    return run_from_cache(root / "run", cache, index, provenance, m=8, seed=1)
+
+
+def test_report_on_real_cq500_scan(real_cq500_run, tmp_path):
+    source = load_run_source(real_cq500_run)
+    summary = write_reports(source, tmp_path / "out")
+    _check_reports(summary, source, tmp_path / "out", ["CQ500-CT-427", "CQ500CT427", "CQ500CT 427"])
+    assert summary["scans"][0]["scan"].startswith("scan-")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+_CHECK = """<script>window.addEventListener('load', function(){
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function(i){ return i.complete && i.naturalWidth > 0; }).length;
+  var p = document.createElement('p'); p.id = 'imgcheck'; p.textContent = 'IMAGES ' + ok + '/' + imgs.length;
+  document.body.appendChild(p);
+});</script>"""
+
+
+def test_html_report_renders_in_chromium(real_cq500_run, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("headless Chromium not installed (Debian: apt-get install -y chromium)")
+    source = load_run_source(real_cq500_run)
+    summary = write_reports(source, tmp_path / "out")
+    page = Path(summary["scans"][0]["html"])
+    probe = page.with_name("probe.html")
+    probe.write_text(page.read_text().replace("</body>", _CHECK + "</body>"))
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    match = re.search(r"IMAGES (\d+)/(\d+)", result.stdout)
+    assert match, f"no image check in the DOM; chromium stderr: {result.stderr[-2000:]}"
+    m = source.sample_idx.shape[1]
+    assert int(match.group(2)) == m + 5 and match.group(1) == match.group(2)
+    json.dumps(summary)
