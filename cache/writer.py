@@ -157,10 +157,14 @@ class PartsWriter:
                 "wait for it to finish or choose another --out"
             ) from None
         self._lock_fd = fd
-        for stale in (self.out.with_name(self.out.name + ".tmp"), rejects_path(self.out).with_suffix(".csv.tmp")):
-            stale.unlink(missing_ok=True)
-        self._check_previous_cache()
-        self._open_parts()
+        try:
+            for stale in (self.out.with_name(self.out.name + ".tmp"), rejects_path(self.out).with_suffix(".csv.tmp")):
+                stale.unlink(missing_ok=True)
+            self._check_previous_cache()
+            self._open_parts()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self._lock_fd is not None:

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "report": ("stages.report", "report"),
     "predict": ("stages.predict", "predict"),
     "export": ("stages.export", "export"),
+    "interpret": ("stages.interpret", "interpret_cmd"),
 }
 
 

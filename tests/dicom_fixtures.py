@@ -35,8 +35,8 @@ def write_slice(
     sop_uid: str | None = None,
     bits_stored: int = 16,
     pixel_representation: int = 1,
-    intercept: str = "-1024",
-    slope: str = "1",
+    intercept: str | None = "-1024",
+    slope: str | None = "1",
     photometric: str = "MONOCHROME2",
     image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
     series_description: str = "CT Plain",
@@ -76,8 +76,10 @@ def write_slice(
     ds.PixelSpacing = ["0.5", "0.5"]
     ds.WindowCenter = window_center
     ds.WindowWidth = "80"
-    ds.RescaleIntercept = intercept
-    ds.RescaleSlope = slope
+    if intercept is not None:
+        ds.RescaleIntercept = intercept
+    if slope is not None:
+        ds.RescaleSlope = slope
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.BitsAllocated = 16

@@ -125,3 +125,42 @@ def test_interpret_arrays_leaves_out_unknown_slice_labels():
     assert res["tasks"]["comprehensive"] == {"accuracy": 1.0, "n_scans": 1}
     assert res["top_position_histogram"]["n_scans"] == 1
     assert res["top_position_histogram"]["counts"] == [1, 1, 1, 1, 1, 0]
+
+
+def test_interpret_command_on_phantom_run(tmp_path):
+    """`drct interpret` on a run whose attention is known: the tasks match an independent count."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from report_fixtures import cache_from_index, run_from_cache, tiny_provenance
+
+    from pipeline.data.index import build_scan_index
+    from pipeline.data.phantom import make_phantom
+    from pipeline.training.sampler import eval_positions
+    from stages.cli import main
+
+    make_phantom(tmp_path / "dicom", layout="rsna", scans=3, seed=1, size=32)
+    index = build_scan_index(tmp_path / "dicom", "rsna", workers=1, progress=False)
+    provenance = tiny_provenance()
+    cache = cache_from_index(index, tmp_path / "f.h5", provenance)
+    m = 12
+    sample = eval_positions(np.array([len(s.slices) for s in index.scans]), m)
+    key = np.array([[any(s.slices[j].labels) for j in row] for s, row in zip(index.scans, sample)])
+    attention = key * 1.0 + np.linspace(0.01, 0, m)  # the model finds every key slice
+    run = run_from_cache(tmp_path / "run", cache, index, provenance, m=m, attention=attention)
+    run_from_cache(tmp_path / "run_r", cache, index, provenance, m=m, seed=5)
+    result = CliRunner().invoke(main, ["interpret", str(run), "--sweep", str(tmp_path / "run_r")])
+    assert result.exit_code == 0, result.output
+    out = json.loads((run / "interpret.json").read_text())
+    h = key.sum(1)
+    assert out["tasks"]["comprehensive"] == {"accuracy": 1.0, "n_scans": int((h >= 1).sum())}
+    assert out["tasks"]["easy"]["n_scans"] == int((h >= 5).sum())
+    assert out["tasks"]["difficult"]["n_scans"] == int(((h >= 1) & (h <= 5)).sum())
+    assert out["per_disease"]["any"]["amount"] == int(h.sum())
+    for name in ("pr_curves", "top5_positions", "mkey_sweep"):
+        assert (run / "plots" / f"{name}.csv").is_file() and (run / "plots" / f"{name}.png").is_file()
+    assert len(out["mkey_sweep"]) == 2

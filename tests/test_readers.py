@@ -65,9 +65,9 @@ def test_12bit_unsigned_with_correct_intercept_is_untouched(tmp_path):
     assert str(read_header(path).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2"
 
 
-def test_monochrome1_is_inverted(tmp_path):
+def test_monochrome1_keeps_hu_when_rescaled_and_is_mirrored_without_rescale(tmp_path):
     raw = np.array([[0, 1000], [3000, 4095]], dtype=np.uint16)
-    path = write_slice(
+    rescaled = write_slice(
         tmp_path / "m1.dcm",
         raw,
         bits_stored=12,
@@ -75,12 +75,14 @@ def test_monochrome1_is_inverted(tmp_path):
         intercept="-1024",
         photometric="MONOCHROME1",
     )
-    # mirrored within the 12-bit stored range: 4095 - raw, then the rescale
-    np.testing.assert_array_equal(read_hu(path), [[3071, 2071], [71, -1024]])
-    signed = write_slice(
-        tmp_path / "m1s.dcm", np.array([[-1, 100]], dtype=np.int16), intercept="0", photometric="MONOCHROME1"
+    # the Modality LUT output is HU whatever the photometric interpretation (PS3.3 C.11.1)
+    np.testing.assert_array_equal(read_hu(rescaled), [[-1024, -24], [1976, 3071]])
+    bare = write_slice(
+        tmp_path / "m1bare.dcm", raw, bits_stored=12, pixel_representation=0,
+        intercept=None, slope=None, photometric="MONOCHROME1",
     )
-    np.testing.assert_array_equal(read_hu(signed), [[0, -101]])  # -32768 + 32767 - raw
+    # no rescale: mirrored within the 12-bit stored range (4095 - raw), then clipped to the CT range
+    np.testing.assert_array_equal(read_hu(bare), [[3071, 3071], [1095, 0]])
 
 
 def test_odd_size_and_multivalued_window_center(tmp_path):

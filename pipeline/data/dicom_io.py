@@ -11,9 +11,10 @@ and the feature extractor agree:
 * RSNA 12-bit unsigned images with a wrong intercept (BitsStored 12, PixelRepresentation 0,
   RescaleIntercept > -100): the well-known Kaggle fix, applied exactly as published
   (``x = pixel_array + 1000; x[x >= 4096] -= 4096; intercept = -1000``);
-* MONOCHROME1: stored values mirrored within their stored range before the rescale, so that
-  dense tissue is bright as in every other slice (the project's decision: the CNN only ever
-  sees "bright = dense");
+* MONOCHROME1: by the standard (PS3.3 C.11.1) the Modality LUT output is in HU whatever the
+  photometric interpretation, which only says how to *display* it; so a MONOCHROME1 slice with a
+  RescaleSlope/Intercept is used as is. Without a rescale the stored values carry no HU meaning
+  and are mirrored within their stored range, so that dense tissue is bright as everywhere else;
 * padding outside the scan circle (raw -2000 -> -3024 HU) and other out-of-range values:
   HU clipped to [-1024, 3071], the 12-bit CT range;
 * multi-frame, colour or otherwise non-2-D images and undecodable pixel data: `SliceError`
@@ -227,7 +228,8 @@ def hu_from_dataset(ds: Dataset) -> np.ndarray:
         values = values + 1000
         values[values >= 4096] -= 4096
         intercept = -1000.0
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1":
+    has_rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds
+    if not has_rescale and str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1":
         bits = int(ds.get("BitsStored", 16) or 16)
         if int(ds.get("PixelRepresentation", 0) or 0) == 1:
             low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1

@@ -142,7 +142,7 @@ def _sample_head(rng: np.random.Generator) -> HeadSpec:
                             rng.uniform(8, 12) + 4 * atrophy, rng.uniform(-4, 4), rng.uniform(8, 16)]),
         sulcal_waves=random_waves(rng), sulcal_freq=rng.uniform(24, 34),
         sulcal_width=rng.uniform(0.12, 0.2) + 0.1 * atrophy, sulcal_depth=rng.uniform(10, 16),
-        noise=rng.uniform(3, 6.5), blur=rng.uniform(0.4, 0.9),
+        noise=rng.uniform(3, 6.5), blur=rng.uniform(0.35, 0.8),
         calcifications=_calcifications(rng),
     )
 
@@ -268,7 +268,7 @@ def _fracture(rng: np.random.Generator, phi: float, theta: float) -> Lesion:
 
 def min_pixels(rows: int, spacing: float) -> int:
     """Smallest lesion area (pixels) that makes a slice positive: about 6 mm^2."""
-    return max(2, int(round(6.0 / spacing ** 2)))
+    return max(2, round(6.0 / spacing ** 2))
 
 
 def render_scan_series(scan: ScanSpec, series: SeriesSpec, seed: int, which: int = 0) -> RenderedSeries:
@@ -392,8 +392,8 @@ class PhantomSummary:
     slice_counts: dict[str, int]       # slices positive per class (plain series)
 
     def format(self) -> str:
-        lines = [f"phantom ({self.layout}): {self.scans} scans, {self.patients} patients, {self.series} series, "
-                 f"{self.files} files, {self.bytes / 2 ** 20:.1f} MiB",
+        lines = [(f"phantom ({self.layout}): {self.scans} scans, {self.patients} patients, {self.series} series, "
+                  f"{self.files} files, {self.bytes / 2 ** 20:.1f} MiB"),
                  f"{'class':<18}{'scans':>7}{'slices':>8}"]
         for name, count in self.scan_counts.items():
             lines.append(f"{name:<18}{count:>7}{self.slice_counts[name]:>8}")

@@ -71,7 +71,7 @@ class HeadSpec:
     sulcal_width: float
     sulcal_depth: float
     noise: float                  # HU standard deviation of the (slightly correlated) noise
-    blur: float                   # pixels, in-plane point spread
+    blur: float                   # mm, in-plane point spread (Gaussian sigma)
     lesions: list[Lesion] = field(default_factory=list)
     shift: float = 0.0            # midline shift in mm (positive = towards patient left)
     shift_center: np.ndarray = field(default_factory=lambda: np.zeros(3))
@@ -114,7 +114,7 @@ def shift_field(spec: HeadSpec, x, y, z):
     on the compressing lesion, so the midline and ventricles bow away from it (mass effect)."""
     if spec.shift == 0.0:
         return np.zeros_like(x)
-    cx, cy, cz = (float(v) for v in spec.shift_center)
+    _, cy, cz = (float(v) for v in spec.shift_center)   # centred on the midline (x = 0)
     g = np.exp(-((x / 45.0) ** 2 + ((y - cy) / 60.0) ** 2 + ((z - cz) / 35.0) ** 2) / 2.0)
     return (float(spec.shift) * g).astype(np.float32)
 
@@ -313,8 +313,9 @@ def render_series(spec: HeadSpec, positions: np.ndarray, row_dir: np.ndarray, co
             inside = (h > 0) & (h < 100)
             shift[start:stop] = np.where(inside, d, 0).reshape(stop - start, -1).max(axis=1)
     # point spread of the scanner, then slightly correlated quantum noise
-    if spec.blur > 0:
-        hu = gaussian_filter(hu, sigma=(0, spec.blur, spec.blur), mode="nearest")
+    if spec.blur > 0:   # blur is in mm: the same scanner looks sharper on a coarser matrix
+        sigma = spec.blur / spacing
+        hu = gaussian_filter(hu, sigma=(0, sigma, sigma), mode="nearest")
     noise = rng.standard_normal(hu.shape, dtype=np.float32)
     noise = gaussian_filter(noise, sigma=(0, 0.6, 0.6)) * (spec.noise / 0.47)
     hu += noise

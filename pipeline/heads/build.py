@@ -73,12 +73,15 @@ def build_model(config: dict, n_classes: int) -> DrCT:
     return DrCT(primary, aps, fusion, selection=str(mc["aps_selection"]))
 
 
-OUTPUT_KEYS = ("prob", "prob_primary", "prob_aps", "slice_attention", "feature_attention", "aps_idx")
+OUTPUT_KEYS = (
+    "logits", "logits_primary", "logits_aps",
+    "prob", "prob_primary", "prob_aps", "slice_attention", "feature_attention", "aps_idx",
+)
 
 
 @torch.no_grad()
 def predict(model: DrCT, primary: torch.Tensor, aps_source: ApsSource | None = None) -> dict[str, np.ndarray]:
-    """Evaluation-mode forward pass -> numpy arrays: prob, prob_primary, prob_aps (B, C),
+    """Evaluation-mode forward pass -> numpy arrays: logits*, prob, prob_primary, prob_aps (B, C),
     slice_attention (B, m), feature_attention (B, m, 512), aps_idx (B, m_key) (-1 for DrCT1).
 
     `primary` is (B, m, 512) at the primary resolution; `aps_source` a (B, m, 512) tensor at

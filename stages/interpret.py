@@ -1,0 +1,120 @@
+"""`drct interpret`: the interpretability evaluation of a trained run (paper IV, VI.A.4; Figs. 5-7).
+
+Writes RUN_DIR/interpret.json (Algorithm 1 tasks with scan counts as in Table 5, per-disease
+key-slice accuracy as in Table 6, the Fig. 7 histogram) and RUN_DIR/plots/*.csv (for
+`dvc plots`) and *.png. With --sweep RUN_DIR..., also the Fig. 6 m_key sweep over runs trained
+with different model.m_key / model.aps_selection (train them with `drct train -s model.m_key=N`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+def macro_f1(labels: np.ndarray, prob: np.ndarray, threshold: float) -> float:
+    """Macro-F1 over classes at the threshold (scans with unknown labels left out per class)."""
+    scores = []
+    for c in range(labels.shape[1]):
+        known = ~np.isnan(labels[:, c])
+        y, p = labels[known, c] > 0.5, prob[known, c] >= threshold
+        tp, fp, fn = int((y & p).sum()), int((~y & p).sum()), int((y & ~p).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _run_meta(run_dir: Path) -> tuple[dict, dict]:
+    import yaml
+
+    meta_path = run_dir / "run.json"
+    if not meta_path.is_file() or not (run_dir / "oof.npz").is_file():
+        raise click.ClickException(f"{run_dir}: run.json or oof.npz missing; is it a finished `drct train` run?")
+    meta = json.loads(meta_path.read_text())
+    config_path = run_dir / "config.yaml"
+    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
+    return meta, config
+
+
+def interpret_run(run_dir: str | Path, cache_path: str | Path | None = None, k: int = 5) -> dict:
+    """Compute interpret.json and the plots of one run; returns the JSON content."""
+    from cache.store import FeatureCache
+    from pipeline import interpret, plots
+
+    run_dir = Path(run_dir)
+    meta, config = _run_meta(run_dir)
+    cache_file = Path(cache_path or meta["cache"])
+    if not cache_file.is_absolute() and not cache_file.exists():
+        cache_file = run_dir / cache_file
+    cache = FeatureCache(cache_file)
+    oof = np.load(run_dir / "oof.npz")
+    names = list(meta.get("label_names") or cache.label_names)
+    table = cache.table
+    rows = np.array([cache.index_of(str(s)) for s in oof["scan_id"]], np.int64)
+    sampled = interpret.sampled_slice_labels(table.slice_labels, table.offset[rows], oof["sample_idx"])
+    attention = np.asarray(oof["slice_attention"], np.float64)
+    labels = np.asarray(oof["labels"], np.float64)
+    prob = np.asarray(oof["prob"], np.float64)
+    result = interpret.interpret_arrays(attention, sampled, names, scan_labels=labels, k=k)
+    threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
+    result["model"] = meta.get("model")
+    result["macro_f1"] = macro_f1(labels, prob, threshold)
+    plot_dir = run_dir / "plots"
+    plots.write_pr_curves(plots.pr_curves(labels, prob, names), plot_dir / "pr_curves.csv", plot_dir / "pr_curves.png")
+    hist = result["top_position_histogram"]
+    plots.write_position_histogram(hist["counts"], plot_dir / "top5_positions.csv", plot_dir / "top5_positions.png", k)
+    (run_dir / "interpret.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def sweep_point(run_dir: str | Path) -> dict:
+    """One Fig. 6 point: the run's m_key, APS selection and out-of-fold macro-F1."""
+    run_dir = Path(run_dir)
+    meta, config = _run_meta(run_dir)
+    model = config.get("model") or {}
+    m_key = model.get("m_key", meta.get("m_key"))
+    selection = model.get("aps_selection", meta.get("aps_selection", "attention"))
+    if m_key is None:
+        raise click.ClickException(f"{run_dir}: no model.m_key in config.yaml or run.json")
+    oof = np.load(run_dir / "oof.npz")
+    threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
+    f1 = macro_f1(np.asarray(oof["labels"], np.float64), np.asarray(oof["prob"], np.float64), threshold)
+    return {"m_key": int(m_key), "selection": str(selection), "macro_f1": f1, "run": str(run_dir)}
+
+
+@click.command("interpret")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None, help="Feature cache (default: the run's).")
+@click.option("--sweep", "sweep", multiple=True, type=click.Path(file_okay=False),
+              help="Further run dirs trained at other model.m_key / model.aps_selection (repeatable): Fig. 6 sweep.")
+def interpret_cmd(run_dir, cache_path, sweep):
+    """Key-slice evaluation of a run: Algorithm 1, Tables 5-6, Figs. 5-7.
+
+    \b
+    Writes RUN_DIR/interpret.json and RUN_DIR/plots/{pr_curves,top5_positions}.{csv,png};
+    with --sweep also RUN_DIR/plots/mkey_sweep.{csv,png} and interpret.json["mkey_sweep"].
+    The slice-level tasks need slice labels (RSNA layout, phantom); on CQ500 they report 0 scans.
+    """
+    from cache.store import CacheError
+
+    try:
+        result = interpret_run(run_dir, cache_path)
+        if sweep:
+            from pipeline import plots
+
+            points = [sweep_point(d) for d in (run_dir, *sweep)]
+            plot_dir = Path(run_dir) / "plots"
+            plots.write_mkey_sweep(points, plot_dir / "mkey_sweep.csv", plot_dir / "mkey_sweep.png")
+            result["mkey_sweep"] = points
+            (Path(run_dir) / "interpret.json").write_text(json.dumps(result, indent=2))
+    except CacheError as exc:
+        raise click.ClickException(str(exc)) from None
+    for task, value in result["tasks"].items():
+        acc = "n/a" if value["accuracy"] is None else f"{100 * value['accuracy']:.2f}%"
+        click.echo(f"{task:14s} {value['n_scans']:6d} scans  {acc}")
+    for name, value in result["per_disease"].items():
+        acc = "n/a" if value["accuracy"] is None else f"{100 * value['accuracy']:.2f}%"
+        click.echo(f"  {name:18s} {value['amount']:7d} slices  {acc}")
+    click.echo(f"wrote {Path(run_dir) / 'interpret.json'}")

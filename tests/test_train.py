@@ -1,0 +1,169 @@
+"""`drct train` / `drct evaluate` on small synthetic caches: run directory format, provenance
+refusal, checkpoints, ablation options, and that the heads learn a planted signal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from cache.store import FeatureCache
+from pipeline.config import load_config
+from pipeline.training.checkpoint import load_model
+from pipeline.training.dataset import CachedFeatures
+from pipeline.training.synthetic import write_synthetic_cache
+from pipeline.training.trainer import predict_scans, run_training
+from stages.cli import main
+
+torch.set_num_threads(1)
+NAMES = ["any", "bleed", "fracture"]
+SMALL = {
+    "sampler.m": 8, "model.m_key": 4, "model.gru_hidden": 8, "model.aps_gru_hidden": 8, "model.aps_fc": 16,
+    "model.fc_hidden": [16, 12], "model.fusion_dim": 16, "train.batch_size": 16, "train.epochs": 2,
+    "train.folds": 3, "train.threads": 1,
+}
+SETS = [f"--set={k}={json.dumps(v)}" for k, v in SMALL.items() if not k.startswith("train.epochs")]
+
+
+def small_config(**extra):
+    return load_config(None, {**SMALL, **extra})
+
+
+@pytest.fixture(scope="module")
+def cache_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache") / "features.h5"
+    return write_synthetic_cache(path, small_config(), NAMES, n_scans=45, slices=(5, 30), scans_per_patient=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def run_dirs(cache_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    runner = CliRunner()
+    dirs = {}
+    for model in ("drct2", "drct1"):
+        out = root / model
+        result = runner.invoke(main, ["train", "--cache", str(cache_path), "--out", str(out), "--model", model,
+                                      "--epochs", "2", "--quiet", *SETS])
+        assert result.exit_code == 0, result.output
+        dirs[model] = out
+    return dirs
+
+
+def test_run_directory_format(run_dirs, cache_path):
+    out = run_dirs["drct2"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["model"] == "drct2" and info["folds"] == 3 and info["folds_run"] == [0, 1, 2]
+    assert info["label_names"] == NAMES and info["resolutions"] == {"primary": 224, "aps": 512}
+    assert info["provenance"]["aps_source"] == "upsampled" and info["weights_digest"] == "synthetic"
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["sampler"]["m"] == 8 and config["model"]["m_key"] == 4
+    for k in range(3):
+        history = json.loads((out / f"fold_{k}" / "history.json").read_text())
+        assert [h["epoch"] for h in history] == [1, 2] and all("val_macro_f1" in h and "loss" in h for h in history)
+    oof = np.load(out / "oof.npz", allow_pickle=False)
+    n = 45
+    expected = {"scan_id": (n,), "patient_id": (n,), "fold": (n,), "labels": (n, 3), "prob": (n, 3),
+                "prob_primary": (n, 3), "prob_aps": (n, 3), "sample_idx": (n, 8), "slice_attention": (n, 8),
+                "feature_attention": (n, 8, 512), "aps_idx": (n, 4)}
+    for key, shape in expected.items():
+        assert oof[key].shape == shape, key
+    assert oof["feature_attention"].dtype == np.float16 and oof["slice_attention"].dtype == np.float32
+    cache = FeatureCache(cache_path)
+    assert list(oof["scan_id"]) == list(cache.table.scan_id)
+    np.testing.assert_array_equal(oof["labels"], cache.table.labels)
+    # no patient in two folds, APS positions in z order within the m sampled slices
+    for p in set(oof["patient_id"]):
+        assert len(set(oof["fold"][oof["patient_id"] == p])) == 1
+    assert (np.diff(oof["aps_idx"], axis=1) > 0).all() and oof["aps_idx"].max() < 8
+    np.testing.assert_allclose(oof["slice_attention"].sum(1), 1, rtol=1e-5)
+    assert (oof["sample_idx"] < cache.table.n_slices[:, None]).all()
+
+
+def test_checkpoint_reloads_with_weights_only_and_reproduces_oof(run_dirs, cache_path):
+    out = run_dirs["drct2"]
+    payload = torch.load(out / "fold_1" / "checkpoint.pt", weights_only=True)
+    assert set(payload) >= {"state_dict", "config", "provenance", "label_names", "fold"} and payload["fold"] == 1
+    model, config, meta = load_model(out / "fold_1" / "checkpoint.pt")
+    assert meta["label_names"] == NAMES and not model.training
+    oof = np.load(out / "oof.npz")
+    cache = FeatureCache(cache_path)
+    data = CachedFeatures.from_cache(cache, 224, 512)
+    scans = np.flatnonzero(oof["fold"] == 1)
+    preds = predict_scans(model, data, scans, 8, 64)
+    np.testing.assert_allclose(preds["prob"], oof["prob"][scans], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(preds["aps_idx"], oof["aps_idx"][scans])
+
+
+def test_drct1_run_and_evaluate_with_paired_ttest(run_dirs):
+    oof = np.load(run_dirs["drct1"] / "oof.npz")
+    assert np.isnan(oof["prob_aps"]).all() and (oof["aps_idx"] == -1).all()
+    np.testing.assert_array_equal(oof["prob"], oof["prob_primary"])
+    runner = CliRunner()
+    result = runner.invoke(main, ["evaluate", str(run_dirs["drct2"]), "--compare", str(run_dirs["drct1"])])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run_dirs["drct2"] / "metrics.json").read_text())
+    for key in ("macro_f1", "macro_precision", "macro_recall", "macro_auc", "macro_f1_std"):
+        assert key in metrics
+    assert set(metrics["per_class"]) == set(NAMES)
+    assert set(metrics["per_class"]["any"]) >= {"precision", "recall", "f1", "auc"}
+    assert len(metrics["per_fold"]) == 3
+    test = metrics["compare"]["tests"]["macro_f1"]
+    assert test["folds"] == [0, 1, 2] and "pvalue" in test
+    assert "paired t-test" in result.output
+
+
+def test_provenance_refusal_names_the_field(cache_path, tmp_path):
+    runner = CliRunner()
+    config = tmp_path / "native.yaml"
+    config.write_text("extract:\n  aps_source: native\n")
+    result = runner.invoke(main, ["train", "--config", str(config), "--cache", str(cache_path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert f"cache {cache_path} does not match the config: aps_source: cache has 'upsampled', config wants 'native'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+    missing = runner.invoke(main, ["train", "--cache", str(tmp_path / "none.h5"), "--out", str(tmp_path / "r")])
+    assert missing.exit_code == 2 and "feature cache not found" in missing.output
+    bad_fold = runner.invoke(main, ["train", "--cache", str(cache_path), "--out", str(tmp_path / "r"), "--folds", "3", "--fold", "5"])
+    assert bad_fold.exit_code == 2 and "train.fold = 5 is not in 0..2" in bad_fold.output
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"model.aps_selection": "random"},
+        {"model.aps_resolution": "first", "train.loss": "bce"},
+        {"model.fusion": "scatter_sum", "model.readout": "flatten"},
+    ],
+)
+def test_ablation_options_train_one_fold(cache_path, tmp_path, extra):
+    config = small_config(**{"train.epochs": 1, "train.fold": 0, **extra})
+    info = run_training(config, cache_path, tmp_path, progress=False, log=lambda s: None)
+    assert info["folds_run"] == [0]
+    oof = np.load(tmp_path / "oof.npz")
+    assert set(oof["fold"]) == {0} and np.isfinite(oof["prob"]).all() and np.isfinite(oof["prob_aps"]).all()
+    if extra.get("model.aps_resolution") == "first":
+        assert info["resolutions"] == {"primary": 224, "aps": 224}
+    if extra.get("model.aps_selection") == "random":
+        model, _, _ = load_model(tmp_path / "fold_0" / "checkpoint.pt")
+        data = CachedFeatures.from_cache(FeatureCache(cache_path), 224, 512)
+        scans = np.flatnonzero(oof["fold"] == 0)
+        a, b = predict_scans(model, data, scans, 8, 64), predict_scans(model, data, scans, 8, 64)
+        np.testing.assert_array_equal(a["aps_idx"], b["aps_idx"])  # evaluation is repeatable
+        np.testing.assert_array_equal(a["aps_idx"], oof["aps_idx"])
+
+
+def test_heads_learn_a_planted_signal(tmp_path):
+    config = small_config(**{"train.epochs": 20, "train.fold": 0, "train.folds": 2, "train.lr_primary": 3e-3,
+                             "train.lr_aps": 3e-3, "train.lr_fusion": 3e-3, "model.dropout": 0.1})
+    cache = write_synthetic_cache(tmp_path / "c.h5", config, NAMES, n_scans=120, slices=(10, 30), seed=1, signal=4.0)
+    run_training(config, cache, tmp_path / "run", progress=False, log=lambda s: None)
+    history = json.loads((tmp_path / "run" / "fold_0" / "history.json").read_text())
+    assert history[-1]["loss"] < history[0]["loss"]
+    oof = np.load(tmp_path / "run" / "oof.npz")
+    from pipeline.metrics import classification_metrics
+
+    metrics = classification_metrics(oof["labels"], oof["prob"], NAMES)
+    assert metrics["macro_auc"] > 0.75 and metrics["macro_f1"] > 0.6, metrics
