@@ -28,13 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.features.encoder import EncoderRunner, load_encoder  # noqa: E402
-from pipeline.heads.build import build_model  # noqa: E402
-from pipeline.training.dataset import CachedFeatures  # noqa: E402
-from pipeline.training.losses import DrCTLoss  # noqa: E402
-from pipeline.training.synthetic import synthetic_features  # noqa: E402
-from pipeline.training.trainer import optimizer_for, train_epoch  # noqa: E402
+from pipeline.config import load_config
+from pipeline.features.encoder import EncoderRunner, load_encoder
+from pipeline.heads.build import build_model
+from pipeline.training.dataset import CachedFeatures
+from pipeline.training.losses import DrCTLoss
+from pipeline.training.synthetic import synthetic_features
+from pipeline.training.trainer import optimizer_for, train_epoch
 
 
 def peak_rss_gb() -> float:

@@ -60,14 +60,17 @@ def verify_cache(path: str | Path, *, need_complete: bool = True) -> Report:
         missing = [key for key in (*PROVENANCE_KEYS, "label_names") if key not in attrs]
         if missing:
             report.fail(f"provenance attributes missing: {', '.join(missing)}")
+        structure_ok = True
         for name, kind in {**SCAN_TABLES, **SLICE_TABLES}.items():
+            problems_before = len(report.problems)
             if name not in f:
                 report.fail(f"dataset /{name} missing")
             elif kind != "str" and _kind(f[name]) != kind and not (kind == "i" and _kind(f[name]) == "u"):
                 report.fail(f"dataset /{name} has dtype {f[name].dtype}, expected kind {kind!r}")
             elif kind == "str" and _kind(f[name]) != "str":
                 report.fail(f"dataset /{name} has dtype {f[name].dtype}, expected strings")
-        if not report.ok:
+            structure_ok = structure_ok and len(report.problems) == problems_before
+        if not structure_ok:
             return report
         n_scans = f["scans/scan_id"].shape[0]
         for name in SCAN_TABLES:

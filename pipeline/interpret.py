@@ -172,7 +172,7 @@ def interpret_arrays(
     attention = np.atleast_2d(np.asarray(attention, dtype=np.float64))
     labels = np.asarray(sampled_labels)
     known = known_mask(labels) if labels.size else np.zeros(len(attention), bool)
-    result: dict = {"n_scans": int(len(attention)), "n_scans_with_slice_labels": int(known.sum())}
+    result: dict = {"n_scans": len(attention), "n_scans_with_slice_labels": int(known.sum())}
     if known.any():
         key = key_slice_mask(labels[known])
         result["tasks"] = algorithm1(attention[known], key, k)
@@ -185,7 +185,7 @@ def interpret_arrays(
         diseased = np.nan_to_num(np.asarray(scan_labels, np.float64), nan=0.0).max(axis=1) > 0.5
     result["top_position_histogram"] = {
         "k": int(k),
-        "n_scans": int(diseased.sum()) if diseased is not None else int(len(attention)),
+        "n_scans": int(diseased.sum()) if diseased is not None else len(attention),
         "counts": top_position_histogram(attention, k, diseased).tolist(),
     }
     return result

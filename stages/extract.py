@@ -35,9 +35,10 @@ def _resolutions(value: str | None) -> list[int] | None:
 @click.option("--batch-size", type=int, help="Slices per forward pass [extract.batch_size].")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="auto = bf16 where fast [extract.precision].")
 @click.option("--scans-per-commit", type=int, help="Scans per crash-safe commit unit [extract.scans_per_commit].")
+@click.option("--decode-chunk", type=int, help="Slices per dask decoding task [extract.decode_chunk].")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar with slices/s on stderr.")
 def extract(config_path, data, layout, labels, out, resolutions, weights, aps_source, device, scheduler, workers,
-            batch_size, precision, scans_per_commit, progress):
+            batch_size, precision, scans_per_commit, decode_chunk, progress):
     """Stage one: run the frozen VGG16 over every slice of every scan at every resolution.
 
     \b
@@ -72,6 +73,7 @@ def extract(config_path, data, layout, labels, out, resolutions, weights, aps_so
         "extract.batch_size": batch_size,
         "extract.precision": precision,
         "extract.scans_per_commit": scans_per_commit,
+        "extract.decode_chunk": decode_chunk,
     }
     try:
         config = load_config(config_path, overrides)

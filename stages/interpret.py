@@ -84,23 +84,67 @@ def sweep_point(run_dir: str | Path) -> dict:
     return {"m_key": int(m_key), "selection": str(selection), "macro_f1": f1, "run": str(run_dir)}
 
 
+def train_sweep(run_dir: str | Path, m_keys: list[int], epochs: int | None = None,
+                selections: tuple[str, ...] = ("attention", "random"), log=print) -> list[Path]:
+    """Fig. 6 by training: retrain RUN_DIR's configuration at each m_key x selection (via the
+    training API, optionally with fewer epochs) into RUN_DIR/sweep/mkey<N>_<selection>/."""
+    import copy
+
+    from pipeline.training.trainer import run_training
+
+    run_dir = Path(run_dir)
+    meta, config = _run_meta(run_dir)
+    if not config:
+        raise click.ClickException(f"{run_dir}/config.yaml missing: cannot retrain the run's configuration")
+    m = int(config["sampler"]["m"])
+    bad = [k for k in m_keys if not 1 <= k <= m]
+    if bad:
+        raise click.ClickException(f"m_key values {bad} are outside 1..m = {m}")
+    out_dirs = []
+    for m_key in m_keys:
+        for selection in selections:
+            cfg = copy.deepcopy(config)
+            cfg["model"]["m_key"] = int(m_key)
+            cfg["model"]["aps_selection"] = selection
+            if epochs:
+                cfg["train"]["epochs"] = int(epochs)
+            out = run_dir / "sweep" / f"mkey{m_key}_{selection}"
+            log(f"sweep: training m_key={m_key} selection={selection} -> {out}")
+            run_training(cfg, meta["cache"], out, progress=False, log=lambda _msg: None)
+            out_dirs.append(out)
+    return out_dirs
+
+
 @click.command("interpret")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None, help="Feature cache (default: the run's).")
 @click.option("--sweep", "sweep", multiple=True, type=click.Path(file_okay=False),
               help="Further run dirs trained at other model.m_key / model.aps_selection (repeatable): Fig. 6 sweep.")
-def interpret_cmd(run_dir, cache_path, sweep):
+@click.option("--train-sweep", "train_m_keys", default=None, metavar="N,N,...",
+              help="Fig. 6 by training: retrain this run's config at each m_key with attention and random "
+                   "selection into RUN_DIR/sweep/ (e.g. 4,8,16,28), then plot the sweep.")
+@click.option("--sweep-epochs", type=int, default=None, help="Epochs per sweep run (default: the run's train.epochs).")
+def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs):
     """Key-slice evaluation of a run: Algorithm 1, Tables 5-6, Figs. 5-7.
 
     \b
     Writes RUN_DIR/interpret.json and RUN_DIR/plots/{pr_curves,top5_positions}.{csv,png};
-    with --sweep also RUN_DIR/plots/mkey_sweep.{csv,png} and interpret.json["mkey_sweep"].
+    with --sweep (existing runs) or --train-sweep (trains them) also RUN_DIR/plots/mkey_sweep.{csv,png}
+    and interpret.json["mkey_sweep"] (one point per run: m_key, selection, out-of-fold Macro-F1).
     The slice-level tasks need slice labels (RSNA layout, phantom); on CQ500 they report 0 scans.
     """
     from cache.store import CacheError
 
     try:
-        result = interpret_run(run_dir, cache_path)
+        from pipeline.config import load_config
+
+        result = interpret_run(run_dir, cache_path, k=int(load_config(None)["report"]["top_k"]))
+        if train_m_keys:
+            try:
+                m_keys = [int(v) for v in str(train_m_keys).split(",") if v.strip()]
+            except ValueError:
+                raise click.ClickException(f"--train-sweep {train_m_keys!r}: give integers, e.g. 4,8,16") from None
+            sweep = (*sweep, *(str(d) for d in train_sweep(run_dir, m_keys, sweep_epochs, log=click.echo)))
         if sweep:
             from pipeline import plots
 

@@ -59,6 +59,7 @@ def predict_folder(
     import torch
 
     from cache.store import FeatureCache
+    from pipeline.config import load_config
     from pipeline.data.index import build_scan_index
     from pipeline.features.encoder import load_encoder
     from pipeline.features.extraction import run_extraction
@@ -133,7 +134,8 @@ def predict_folder(
                   "predictions": "new scans (no reference labels)", "feature cache": str(cache.path),
                   **{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in provenance.items()}},
         )
-        summary["reports"] = write_reports(source, out_dir / "reports", show_phi=show_phi)
+        sizes = config.get("report") or load_config(None)["report"]
+        summary["reports"] = write_reports(source, out_dir / "reports", show_phi=show_phi, sizes=sizes)
     return summary
 
 
@@ -158,13 +160,15 @@ def predict(dicom_dir, checkpoint, out_dir, weights, device, workers, threshold,
     not match the encoder here is refused.
     """
     from cache.store import CacheError
+    from pipeline.features.encoder import EncoderError
+    from pipeline.report.build import ReportError
     from pipeline.training.checkpoint import CheckpointError
 
     try:
         summary = predict_folder(dicom_dir, checkpoint, out_dir, weights=weights, device=device, workers=workers,
                                  reports=not no_reports, show_phi=show_phi, threshold=threshold,
                                  log=lambda msg: click.echo(msg, err=True))
-    except (PredictError, CheckpointError, CacheError, FileNotFoundError, ValueError) as exc:
+    except (PredictError, CheckpointError, CacheError, EncoderError, ReportError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{summary['n_scans']} scans -> {summary['predictions']}")
     if "reports" in summary:

@@ -27,14 +27,17 @@ def report(run_dir, out_dir, scans, cache_path, data_root, threshold, show_phi):
     (e.g. CQ500-CT-n) are replaced by a pseudonym scan-<sha256 prefix>.
     """
     from cache.store import CacheError
+    from pipeline.config import load_config
+    from pipeline.features.encoder import EncoderError
     from pipeline.report.build import ReportError, load_run_source, write_reports
 
     try:
         source = load_run_source(run_dir, cache_path=cache_path, threshold=threshold)
         source.data_root = data_root
-        summary = write_reports(source, out_dir, scan_ids=list(scans), show_phi=show_phi,
+        sizes = load_config(None)["report"]
+        summary = write_reports(source, out_dir, scan_ids=list(scans), show_phi=show_phi, sizes=sizes,
                                 progress=lambda label: click.echo(f"report: {label}"))
-    except (ReportError, CacheError, FileNotFoundError) as exc:
+    except (ReportError, CacheError, EncoderError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     for fail in summary["failed"]:
         click.echo(f"skipped {fail['scan']}: {fail['reason']}", err=True)

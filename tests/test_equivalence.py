@@ -76,7 +76,7 @@ def test_cached_and_end_to_end_logits_match(tmp_path):
     positions = eval_positions(np.array([len(s) for s in scans]), M)
     np.testing.assert_array_equal(positions, cached["sample_idx"])
     for rounding in (True, False):
-        def as_cached(x):  # the cache stores float16: the same rounding gives bit-for-bit inputs
+        def as_cached(x, rounding=rounding):  # the cache stores float16: the same rounding gives bit-for-bit inputs
             return x.half().float() if rounding else x
 
         primary = torch.stack([as_cached(encode([scan[i] for i in pos], RES[0])) for scan, pos in zip(scans, positions)])
@@ -88,7 +88,7 @@ def test_cached_and_end_to_end_logits_match(tmp_path):
         with torch.no_grad():
             inline = model(primary, aps_getter)
         np.testing.assert_array_equal(inline["aps_idx"].numpy(), cached["aps_idx"])
-        tol = dict(rtol=1e-5, atol=1e-6) if rounding else dict(rtol=2e-2, atol=2e-3)
+        tol = {"rtol": 1e-5, "atol": 1e-6} if rounding else {"rtol": 2e-2, "atol": 2e-3}
         for key in ("logits", "logits_primary", "logits_aps", "prob"):
             np.testing.assert_allclose(inline[key].numpy(), cached[key], **tol, err_msg=key)
         np.testing.assert_allclose(inline["slice_attention"].numpy(), cached["slice_attention"], **tol)

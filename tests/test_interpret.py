@@ -164,3 +164,28 @@ def test_interpret_command_on_phantom_run(tmp_path):
     for name in ("pr_curves", "top5_positions", "mkey_sweep"):
         assert (run / "plots" / f"{name}.csv").is_file() and (run / "plots" / f"{name}.png").is_file()
     assert len(out["mkey_sweep"]) == 2
+
+
+def test_plot_writers_csv_content(tmp_path):
+    import csv
+
+    from sklearn.metrics import precision_recall_curve
+
+    from pipeline import plots
+
+    labels = np.array([[1, 0], [0, 0], [1, 1], [0, 1]], float)
+    prob = np.array([[0.9, 0.2], [0.4, 0.1], [0.6, 0.8], [0.3, 0.4]])
+    curves = plots.pr_curves(labels, prob, ["A", "B"])
+    precision, recall, _ = precision_recall_curve(labels[:, 0] > 0.5, prob[:, 0])
+    assert np.array_equal(curves["A"][0], precision) and np.array_equal(curves["A"][1], recall)
+    assert "C" not in plots.pr_curves(labels[:, :1] * 0, prob[:, :1], ["C"])  # no positive: no curve
+    plots.write_pr_curves(curves, tmp_path / "pr.csv", tmp_path / "pr.png")
+    rows = list(csv.DictReader((tmp_path / "pr.csv").read_text().splitlines()))
+    assert {r["class"] for r in rows} == {"A", "B"} and len(rows) == len(precision) + len(curves["B"][0])
+    plots.write_position_histogram([3, 0, 2], tmp_path / "h.csv", tmp_path / "h.png")
+    assert list(csv.reader((tmp_path / "h.csv").read_text().splitlines())) == [["position", "count"], ["1", "3"], ["2", "0"], ["3", "2"]]
+    plots.write_mkey_sweep([{"m_key": 8, "selection": "random", "macro_f1": 0.5}, {"m_key": 4, "selection": "attention",
+                            "macro_f1": 0.75}], tmp_path / "s.csv", tmp_path / "s.png")
+    assert list(csv.reader((tmp_path / "s.csv").read_text().splitlines()))[1] == ["attention", "4", "0.75", ""]
+    for name in ("pr.png", "h.png", "s.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

@@ -87,7 +87,7 @@ def test_checkpoint_reloads_with_weights_only_and_reproduces_oof(run_dirs, cache
     out = run_dirs["drct2"]
     payload = torch.load(out / "fold_1" / "checkpoint.pt", weights_only=True)
     assert set(payload) >= {"state_dict", "config", "provenance", "label_names", "fold"} and payload["fold"] == 1
-    model, config, meta = load_model(out / "fold_1" / "checkpoint.pt")
+    model, _config, meta = load_model(out / "fold_1" / "checkpoint.pt")
     assert meta["label_names"] == NAMES and not model.training
     oof = np.load(out / "oof.npz")
     cache = FeatureCache(cache_path)

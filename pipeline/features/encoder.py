@@ -116,32 +116,33 @@ def _load_file(path: Path) -> dict:
 def load_encoder(spec: str) -> tuple[VGG16Encoder, str]:
     """Build the frozen encoder for a weights spec; returns (encoder on CPU, weights digest)."""
     spec = str(spec)
-    encoder = VGG16Encoder()
     match = re.fullmatch(r"random:(-?\d+)", spec)
+    with torch.random.fork_rng(devices=[]):  # building and seeding never disturb the caller's RNG
+        if match:
+            torch.manual_seed(int(match.group(1)))
+        encoder = VGG16Encoder()
+        if match:
+            init_like_torchvision(encoder.features)
     if match:
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(int(match.group(1)))
-        init_like_torchvision(encoder.features)
-        torch.random.set_rng_state(generator_state)
-    elif spec.startswith("random"):
+        return encoder, weights_digest(encoder)
+    if spec.startswith("random"):
         raise EncoderError(f"weights spec {spec!r}: write random:SEED with an integer seed, e.g. random:0")
-    else:
-        state = _load_imagenet() if spec == "imagenet" else _load_file(Path(os.path.expanduser(spec)))
-        trunk = features_state_dict(state)
-        expected = encoder.features.state_dict()
-        missing = sorted(set(expected) - set(trunk), key=lambda k: int(k.split(".")[0]))
-        if missing:
-            raise EncoderError(
-                f"weights {spec!r} are not a VGG16 state dict: conv parameters missing "
-                f"({', '.join('features.' + k for k in missing[:4])}{' ...' if len(missing) > 4 else ''})"
-            )
-        bad = [k for k in expected if tuple(trunk[k].shape) != tuple(expected[k].shape)]
-        if bad:
-            raise EncoderError(
-                f"weights {spec!r} do not fit VGG16: features.{bad[0]} has shape {tuple(trunk[bad[0]].shape)}, "
-                f"expected {tuple(expected[bad[0]].shape)}"
-            )
-        encoder.features.load_state_dict({k: trunk[k].float() for k in expected})
+    state = _load_imagenet() if spec == "imagenet" else _load_file(Path(os.path.expanduser(spec)))
+    trunk = features_state_dict(state)
+    expected = encoder.features.state_dict()
+    missing = sorted(set(expected) - set(trunk), key=lambda k: int(k.split(".")[0]))
+    if missing:
+        raise EncoderError(
+            f"weights {spec!r} are not a VGG16 state dict: conv parameters missing "
+            f"({', '.join('features.' + k for k in missing[:4])}{' ...' if len(missing) > 4 else ''})"
+        )
+    bad = [k for k in expected if tuple(trunk[k].shape) != tuple(expected[k].shape)]
+    if bad:
+        raise EncoderError(
+            f"weights {spec!r} do not fit VGG16: features.{bad[0]} has shape {tuple(trunk[bad[0]].shape)}, "
+            f"expected {tuple(expected[bad[0]].shape)}"
+        )
+    encoder.features.load_state_dict({k: trunk[k].float() for k in expected})
     return encoder, weights_digest(encoder)
 
 
@@ -200,6 +201,14 @@ class EncoderRunner:
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
+
+    def warm_up(self, batch_size: int, sent: list[int], resolutions: list[int], aps_source: str) -> None:
+        """One full batch per resolution before timing starts: oneDNN/cuDNN pick their kernels per shape."""
+        from pipeline.features.preprocess import model_input
+
+        images = {r: torch.zeros(batch_size, 3, r, r, dtype=torch.float16, device=self.device) for r in sent}
+        for r in resolutions:
+            self(model_input(images, r, resolutions, aps_source))
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,12 @@ from cache.store import CacheError
 from cache.writer import PartsWriter, ScanFeatures, Unit
 from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
 from pipeline.features.encoder import EncoderRunner, load_encoder, resolve_device
-from pipeline.features.preprocess import check_settings, model_input, transferred_resolutions, window_and_resize
+from pipeline.features.preprocess import (
+    check_settings,
+    model_input,
+    transferred_resolutions,
+    window_and_resize,
+)
 from pipeline.features.provenance import config_provenance
 
 # Seconds to sleep after each commit: lets crash tests kill a run between and during commits.
@@ -82,6 +88,11 @@ def decode_scan(
     return {"kept": kept, "errors": errors, "images": stacked}
 
 
+def _import_worker_modules() -> None:
+    import pipeline.data.dicom_io  # noqa: F401
+    import pipeline.features.preprocess  # noqa: F401
+
+
 # -- executors -----------------------------------------------------------------------------
 class _InlineFuture:
     def __init__(self, fn: Callable, args: tuple):
@@ -119,16 +130,22 @@ class DaskExecutor:
             self.description = f"dask scheduler {address} ({n} workers)"
             self.n_workers = max(1, n)
         else:
-            self.cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            )
+            with warnings.catch_warnings():  # "port 8787 in use" of the (disabled) dashboard's HTTP server
+                warnings.simplefilter("ignore", UserWarning)
+                self.cluster = LocalCluster(
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                )
             self.client = Client(self.cluster)
             self.description = f"local dask cluster ({workers} worker processes)"
             self.n_workers = workers
+
+    def warm_up(self) -> None:
+        """Import the decoding stack on every worker before the clock starts (torch import takes seconds)."""
+        self.client.run(_import_worker_modules)
 
     def submit(self, fn: Callable, *args):
         return self.client.submit(fn, *args, pure=False)
@@ -178,6 +195,8 @@ class _Batcher:
         self.encode_seconds = 0.0
 
     def add(self, images: dict[int, np.ndarray]) -> int:
+        if not len(next(iter(images.values()))):
+            return 0
         for r, array in images.items():
             self.pending.setdefault(r, []).append(array)
         self.n_pending += len(next(iter(images.values())))
@@ -225,6 +244,7 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
     check_settings(resolutions, windows, aps_source)
     batch_size = int(ex["batch_size"])
     scans_per_commit = int(ex["scans_per_commit"])
+    decode_chunk = max(1, int(ex.get("decode_chunk", 16)))
     if batch_size < 1 or scans_per_commit < 1:
         raise CacheError("extract.batch_size and extract.scans_per_commit must be at least 1")
     if not index.scans:
@@ -267,37 +287,53 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
         wait_seconds = 0.0
         n_encoded = 0
         executor = make_executor(ex.get("scheduler"), int(ex["workers"])) if todo else None
+        if isinstance(executor, DaskExecutor):
+            executor.warm_up()
         batcher = _Batcher(runner, resolutions, aps_source, batch_size)
         if executor is not None:
             log(f"decoding with {executor.description}")
         bar = tqdm(total=total_slices, unit="slice", file=sys.stderr, disable=not progress, dynamic_ncols=True)
         try:
-            start = time.perf_counter()
-            queue = deque(todo)
+            # Work items: chunks of at most decode_chunk slices, so that decoding pipelines within a
+            # scan too and one long scan does not leave the encoder idle.
+            queue: deque = deque()
+            for i in todo:
+                paths = [s.path for s in index.scans[i].slices]
+                for first in range(0, max(1, len(paths)), decode_chunk):
+                    queue.append((i, first, paths[first : first + decode_chunk]))
             in_flight: deque = deque()
-            max_in_flight = max(4, 3 * getattr(executor, "n_workers", 1))
+            max_in_flight = max(4, 4 * getattr(executor, "n_workers", 1))
 
             def refill() -> None:
                 while queue and len(in_flight) < max_in_flight:
-                    i = queue.popleft()
-                    paths = [s.path for s in index.scans[i].slices]
-                    in_flight.append((i, executor.submit(decode_scan, paths, resolutions, windows, aps_source, True)))
+                    i, first, paths = queue.popleft()
+                    future = executor.submit(decode_scan, paths, resolutions, windows, aps_source, True)
+                    in_flight.append((i, first, future))
 
+            runner.warm_up(batch_size, transferred_resolutions(resolutions, aps_source), resolutions, aps_source)
+            start = time.perf_counter()
             for unit_number, members in units.items():
                 unit = Unit(first_index=members[0])
                 kept_scans: list[tuple[ScanRecord, list[int]]] = []
                 for i in members:
-                    refill()
-                    j, future = in_flight.popleft()
-                    assert j == i
-                    t0 = time.perf_counter()
-                    decoded = future.result()
-                    wait_seconds += time.perf_counter() - t0
                     scan = index.scans[i]
-                    for path, reason in decoded["errors"]:
-                        unit.rejects.append(Reject(path=path, reason=reason, scan_id=scan.scan_id))
-                    bar.update(len(decoded["errors"]))
-                    if not decoded["kept"]:
+                    kept: list[int] = []
+                    for _ in range(0, max(1, len(scan.slices)), decode_chunk):
+                        refill()
+                        j, first, future = in_flight.popleft()
+                        assert j == i
+                        t0 = time.perf_counter()
+                        decoded = future.result()
+                        wait_seconds += time.perf_counter() - t0
+                        for path, reason in decoded["errors"]:
+                            unit.rejects.append(Reject(path=path, reason=reason, scan_id=scan.scan_id))
+                        bar.update(len(decoded["errors"]))
+                        if decoded["kept"]:
+                            kept.extend(first + k for k in decoded["kept"])
+                            done = batcher.add(decoded["images"])
+                            n_encoded += done
+                            bar.update(done)
+                    if not kept:
                         unit.rejected_scan_ids.append(scan.scan_id)
                         unit.rejects.append(
                             Reject(
@@ -307,10 +343,7 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
                             )
                         )
                         continue
-                    kept_scans.append((scan, decoded["kept"]))
-                    done = batcher.add(decoded["images"])
-                    n_encoded += done
-                    bar.update(done)
+                    kept_scans.append((scan, kept))
                 done = batcher.flush()
                 n_encoded += done
                 bar.update(done)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.heads.aps import APSNetwork
-from pipeline.heads.drct2 import DrCT, ApsSource
+from pipeline.heads.drct2 import ApsSource, DrCT
 from pipeline.heads.fusion import KnowledgeFusion
 from pipeline.heads.primary import PrimaryNetwork
 

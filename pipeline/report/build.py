@@ -146,6 +146,9 @@ class HeatmapEncoder:
         weights = provenance.get("weights")
         if not weights:
             raise ReportError("the run's provenance does not name the encoder weights; cannot draw heat maps")
+        import torch
+
+        torch.set_flush_denormal(True)
         self.encoder, digest = load_encoder(str(weights))
         want = provenance.get("weights_digest")
         if want and digest != want:
@@ -244,12 +247,16 @@ def write_reports(
     show_phi: bool = False,
     read_hu: Callable[[str], np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
+    sizes: dict | None = None,
 ) -> dict:
     """Write one HTML + PNG per scan and index.html; returns {"index": path, "scans": [...], "failed": [...]}.
 
     A scan whose report cannot be made (unreadable slice) is listed under "failed" with the reason;
-    the others are still written.
+    the others are still written. `sizes`: the config's ``report`` section (top_k, thumb_size, display_size).
     """
+    sizes = sizes or {}
+    options = {"k": int(sizes.get("top_k", 5)), "thumb_size": int(sizes.get("thumb_size", 96)),
+               "display_size": int(sizes.get("display_size", 256))}
     if read_hu is None:
         from pipeline.data.dicom_io import read_hu as read_hu_default
 
@@ -262,7 +269,7 @@ def write_reports(
     for i in indices:
         label = display_label(source.scan_id[i], source.patient_id[i], show_phi)
         try:
-            report = build_scan_report(source, i, encoder, read_hu, show_phi=show_phi)
+            report = build_scan_report(source, i, encoder, read_hu, show_phi=show_phi, **options)
         except ReportError as exc:
             failed.append({"scan": label, "reason": str(exc)})
             continue

@@ -20,10 +20,14 @@ from pipeline.features.preprocess import apply_windows, normalise, resize
 
 
 def conv_maps(encoder: VGG16Encoder, images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, r, r) normalised input -> (N, 512, r/32, r/32) last conv maps (after the final pool,
-    i.e. exactly the maps whose global max is the cached 512-d vector)."""
+    """(N, 3, r, r) normalised input -> (N, 512, r/16, r/16): the last conv block's ReLU maps,
+    before VGG16's final 2x2 max pool. Their global max per channel is exactly the cached 512-d
+    vector (max pooling twice = one global max), at twice the spatial detail (14 x 14 at 224)."""
+    trunk = encoder.features
+    if isinstance(trunk[-1], torch.nn.MaxPool2d):
+        trunk = trunk[:-1]
     with torch.inference_mode():
-        return encoder.features(images.float()).float()
+        return trunk(images.float()).float()
 
 
 def weighted_map(maps: torch.Tensor | np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -21,10 +21,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.gridspec import GridSpec  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.gridspec import GridSpec
+from PIL import Image
 
 
 @dataclass
@@ -76,12 +76,12 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:22px 0 8px}
 .strip img{width:100%;display:block;image-rendering:auto;border:2px solid transparent;box-sizing:border-box}
 .strip img.top{border-color:#d62728}
 .bar{background:#7a9cc6;width:100%} .bar.top{background:#d62728}
-.hist{height:90px;display:grid;gap:2px;align-items:end;border-bottom:1px solid #999}
-.pos{font-size:9px;text-align:center;color:#555}
-.large{display:flex;gap:10px;flex-wrap:wrap} .large figure{margin:0;text-align:center;font-size:12px}
-.large img{width:240px;height:240px;display:block}
+.hist{margin-top:6px;height:90px;display:grid;gap:2px;align-items:end;border-bottom:1px solid #999}
+.posn{font-size:9px;text-align:center;color:#555}
+.large{display:grid;grid-template-columns:repeat(5,minmax(0,256px));gap:10px}
+.large figure{margin:0;text-align:center;font-size:12px} .large img{width:100%;display:block}
 table{border-collapse:collapse;font-size:13px} td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}
-tr.pos td{font-weight:600;color:#b01515} .verdict{font-size:15px;margin:8px 0}
+tr.positive td{font-weight:600;color:#b01515} .verdict{font-size:15px;margin:8px 0}
 .prov td{font-family:ui-monospace,monospace;font-size:11px;word-break:break-all}
 .note{color:#666;font-size:12px}
 """
@@ -106,7 +106,7 @@ def render_html(report: ScanReport) -> str:
         f'title="attention {report.attention[j]:.4f}"></div>'
         for j in range(m)
     )
-    positions = "".join(f'<div class="pos">{j + 1}</div>' for j in range(m))
+    positions = "".join(f'<div class="posn">{j + 1}</div>' for j in range(m))
     large = "".join(
         f'<figure><img src="{data_uri(t.image)}" alt="rank {r + 1}: slice {t.slice_index + 1}">'
         f"<figcaption>#{r + 1}: slice {t.slice_index + 1} (position {t.position + 1}), "
@@ -120,7 +120,7 @@ def render_html(report: ScanReport) -> str:
         if report.truth is not None and not np.isnan(report.truth[c]):
             truth = "positive" if report.truth[c] > 0.5 else "negative"
         rows.append(
-            f'<tr class="{"pos" if p >= report.threshold else ""}"><td>{e(name)}</td><td>{p:.3f}</td>'
+            f'<tr class="{"positive" if p >= report.threshold else ""}"><td>{e(name)}</td><td>{p:.3f}</td>'
             f"<td>{'yes' if p >= report.threshold else 'no'}</td><td>{e(truth)}</td></tr>"
         )
     findings = report.findings

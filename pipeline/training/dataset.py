@@ -55,7 +55,7 @@ class CachedFeatures:
     @classmethod
     def from_cache(
         cls, cache: FeatureCache, primary_resolution: int, aps_resolution: int, device: torch.device | str = "cpu"
-    ) -> "CachedFeatures":
+    ) -> CachedFeatures:
         table = cache.table
         primary = torch.from_numpy(cache.load_all(primary_resolution))
         aps = primary if aps_resolution == primary_resolution else torch.from_numpy(cache.load_all(aps_resolution))

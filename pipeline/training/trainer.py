@@ -208,7 +208,7 @@ def run_training(
         "seed": seed,
         "m": m,
         "m_key": int(config["model"]["m_key"]),
-        "n_scans": int(len(labelled)),
+        "n_scans": len(labelled),
     }
     loss_fn = DrCTLoss(str(t["loss"]))
     batch_size = int(t["batch_size"])

@@ -1,0 +1,221 @@
+"""The DVC pipeline end to end on a tiny phantom, in a temporary git repository.
+
+Proves: `dvc repro` from clean produces metrics and reports; a second `dvc repro` is a no-op;
+a head-parameter experiment (`dvc exp run -S train.lr_primary=...`) reruns train/evaluate/report
+but never data or extract, and no CNN forward happens in train or evaluate (every Conv2d call of
+every Python process is logged by a sitecustomize hook; the report stage's heatmaps of the five
+top slices are the only convolutions allowed); `dvc exp show` lists the experiment with metrics.
+Also checks the static contract of dvc.yaml and the real-data configs without running DVC.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DVC = BIN / "dvc"
+
+# Logs the first Conv2d forward of each process (pid and command) to $DRCT_CONV_LOG.
+SITECUSTOMIZE = '''
+import importlib.machinery, os, sys
+_LOG = os.environ.get("DRCT_CONV_LOG")
+
+class _ConvHook:
+    def find_spec(self, name, path, target=None):
+        if name != "torch.nn.modules.conv" or not _LOG:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        original = spec.loader.exec_module
+
+        def exec_module(module):
+            original(module)
+            forward = module.Conv2d._conv_forward
+            logged = []
+
+            def _conv_forward(self, input, weight, bias):
+                if not logged:
+                    logged.append(1)
+                    with open(_LOG, "a") as handle:
+                        handle.write(f"{os.getpid()} {' '.join(os.path.basename(a) for a in sys.argv[:2])}\\n")
+                return forward(self, input, weight, bias)
+
+            module.Conv2d._conv_forward = _conv_forward
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _ConvHook())
+'''
+
+TINY_PARAMS = {
+    "phantom": {"scans": 8, "seed": 3, "layout": "rsna", "size": 32},
+    "dataset": {"layout": "rsna", "data": "data/phantom", "labels": None},
+    "extract": {"resolutions": [32, 64], "weights": "random:0", "aps_source": "upsampled", "workers": 0,
+                "batch_size": 64},
+    "sampler": {"m": 8},
+    "model": {"name": "drct2", "m_key": 4},
+    "train": {"loss": "mse_mse_bce", "lr_primary": 0.0005, "lr_aps": 0.0003, "lr_fusion": 0.0005, "epochs": 1,
+              "batch_size": 4, "folds": 2},
+    "evaluate": {"threshold": 0.5},
+}
+
+
+def dvc_yaml() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def params_keys(stage: dict, file: str) -> list[str]:
+    keys = []
+    for entry in stage.get("params", []):
+        if isinstance(entry, str) and file == "params.yaml":
+            keys.append(entry)
+        elif isinstance(entry, dict) and file in entry:
+            keys.extend(entry[file])
+    return keys
+
+
+def lookup(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+# -- static contract (fast) --------------------------------------------------------------------
+
+
+def test_extract_never_depends_on_head_code_or_keys():
+    stages = dvc_yaml()["stages"]
+    extract_deps = stages["extract"]["deps"]
+    assert not any(d.startswith(("pipeline/heads", "pipeline/training", "configs")) for d in extract_deps)
+    extract_keys = params_keys(stages["extract"], "params.yaml") + params_keys(stages["extract"], "configs/defaults.yaml")
+    assert not any(k.split(".")[0] in ("model", "train", "sampler", "evaluate") for k in extract_keys)
+    train_deps = stages["train"]["deps"]
+    assert not any(d in ("pipeline/features", "pipeline/data") or d.startswith("pipeline/data") for d in train_deps)
+
+
+@pytest.mark.parametrize("config", ["params.yaml", "configs/cq500.yaml", "configs/rsna.yaml"])
+def test_params_files_hold_every_listed_key(config):
+    """configs/cq500.yaml and rsna.yaml can replace params.yaml: every params.yaml key a stage
+    other than the phantom lists exists in them, and they load through load_config."""
+    data = yaml.safe_load((REPO / config).read_text())
+    merged = load_config(REPO / config)
+    for name, stage in dvc_yaml()["stages"].items():
+        if name == "data" and config != "params.yaml":
+            continue
+        for key in params_keys(stage, "params.yaml"):
+            lookup(data, key)
+        for key in params_keys(stage, "configs/defaults.yaml"):
+            lookup(merged, key)
+
+
+def test_real_configs_have_the_papers_settings():
+    cq500, rsna = load_config(REPO / "configs/cq500.yaml"), load_config(REPO / "configs/rsna.yaml")
+    assert (cq500["sampler"]["m"], cq500["train"]["folds"], cq500["train"]["batch_size"]) == (32, 10, 32)
+    assert (rsna["sampler"]["m"], rsna["train"]["folds"], rsna["train"]["batch_size"]) == (28, 5, 256)
+    for c in (cq500, rsna):
+        assert c["extract"]["resolutions"] == [224, 512] and c["extract"]["weights"] == "imagenet"
+        assert c["model"]["m_key"] == 16 and c["train"]["epochs"] == 100
+        assert (c["train"]["lr_primary"], c["train"]["lr_aps"], c["train"]["lr_fusion"]) == (5e-4, 3e-4, 5e-4)
+
+
+def test_dvc_never_phones_home():
+    config = (REPO / ".dvc" / "config").read_text()
+    assert "analytics = false" in config and "check_update = false" in config
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+
+def _copy_tree(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    keep = ("pipeline/", "stages/", "cache/", "configs/", ".dvc/", "dvc.yaml", ".dvcignore", "pyproject.toml")
+    for name in files:
+        if name.startswith(keep) and (REPO / name).is_file() and "__pycache__" not in name:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    (dest / ".gitignore").write_text("/data/\n/features/\n/runs/\n/reports/\n__pycache__/\n")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DVC.is_file(), reason="dvc is not installed in this environment")
+def test_dvc_repro_and_head_experiment(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_tree(repo)
+    (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    conv_log = tmp_path / "conv.log"
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": f"{hook}{os.pathsep}{repo}",  # the copy's code, not the editable install's
+        "DRCT_CONV_LOG": str(conv_log),
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost",
+        "DVC_NO_ANALYTICS": "1",
+    }
+
+    def run(*args: str) -> str:
+        done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+        return done.stdout + done.stderr
+
+    def conv_processes() -> list[str]:
+        return conv_log.read_text().splitlines() if conv_log.exists() else []
+
+    run("git", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "tiny pipeline")
+
+    out = run(str(DVC), "repro")
+    for stage in ("data", "extract", "train", "evaluate", "report"):
+        assert f"Running stage '{stage}'" in out
+    metrics = json.loads((repo / "metrics/metrics.json").read_text())
+    assert metrics  # the evaluate stage wrote its metrics
+    assert (repo / "reports/drct/index.html").is_file()
+    cache = repo / "features/features.h5"
+    cache_hash, cache_mtime = _sha(cache), cache.stat().st_mtime_ns
+    # positive control: the hook sees the stage-one CNN
+    assert any(line.endswith("drct extract") for line in conv_processes())
+
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "baseline run")
+    conv_log.unlink()
+    assert "Running stage" not in run(str(DVC), "repro")  # second repro: nothing to do
+    assert conv_processes() == []
+
+    out = run(str(DVC), "exp", "run", "-S", "train.lr_primary=0.002", "-n", "lr2")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+    assert ran == {"train", "evaluate", "report"}
+    assert _sha(cache) == cache_hash and cache.stat().st_mtime_ns == cache_mtime
+    commands = {line.split(" ", 1)[1] for line in conv_processes()}
+    assert commands <= {"drct report"}, f"a CNN forward outside the report heatmaps: {commands}"
+
+    table = run(str(DVC), "exp", "show", "--csv", "--no-pager")
+    rows = list(csv.DictReader(io.StringIO(table[table.index("Experiment"):])))
+    lr2 = [row for row in rows if row.get("Experiment") == "lr2"]
+    assert lr2 and lr2[0]["train.lr_primary"] == "0.002"
+    f1_columns = [c for c in rows[0] if "macro_f1" in c]
+    assert f1_columns and all(lr2[0][c] not in ("", "-") for c in f1_columns)
