@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cache.store import FEATURE_DIM, SCHEMA_VERSION, STR, encode_attr  # noqa: E402
+from cache.store import FEATURE_DIM, SCHEMA_VERSION, STR, encode_attr
 
 LABELS = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]
 
@@ -101,7 +101,7 @@ def main() -> None:
     with h5py.File(cache, "r") as f:
         total = int(f["scans/n_slices"][:].sum())
         vectors_mib = sum(f[f"features/{r}"].size * 2 for r in f["features"]) / 2**20
-    tables = "from cache.store import FeatureCache; c = FeatureCache(%r); c.table" % str(cache)
+    tables = f"from cache.store import FeatureCache; c = FeatureCache({str(cache)!r}); c.table"
     base_s, base_mib = child(["-c", tables])
     rows = [f"| tables only (open + load scan/slice tables) | {base_s:.1f} | - | - | {base_mib:.0f} |"]
     for fmt in args.formats.split(","):

@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 def bare_forward_rate(runner, resolutions: list[int], batch_size: int, seconds: float = 8.0) -> float:
@@ -58,7 +58,7 @@ def naive_rate(paths: list[str], encoder, resolutions: list[int], windows, aps_s
         for path in paths:
             ds = pydicom.dcmread(path)
             hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-            for r, x in preprocess_slice(hu, resolutions, windows, aps_source).items():
+            for x in preprocess_slice(hu, resolutions, windows, aps_source).values():
                 encoder(x[None])
             done += 1
             if time.perf_counter() - start > seconds:

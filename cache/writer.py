@@ -38,6 +38,7 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import h5py
 import numpy as np
@@ -138,7 +139,7 @@ class PartsWriter:
         self.previous_cache: Path | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def __enter__(self) -> PartsWriter:
+    def __enter__(self) -> Self:
         self.open()
         return self
 
@@ -278,7 +279,7 @@ class PartsWriter:
 
 def rejects_tables(rejects: Sequence[Reject], rejected_scan_ids: Sequence[str]) -> dict[str, np.ndarray]:
     """The optional /rejects datasets of a cache or part (datasets, not attributes: no 64 KiB limit)."""
-    strings = lambda values: np.array(list(values), dtype=object)  # noqa: E731
+    strings = lambda values: np.array(list(values), dtype=object)
     return {
         "rejects/scan_id": strings(r.scan_id for r in rejects),
         "rejects/path": strings(r.path for r in rejects),

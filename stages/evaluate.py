@@ -76,6 +76,7 @@ def evaluate(run_dir, other, threshold, out_path):
         except ValueError as exc:
             raise StageError(f"cannot compare {run_dir} with {other}: {exc}") from None
     path = Path(out_path) if out_path else Path(run_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json_safe(metrics), indent=1))
     click.echo(
         f"{metrics.get('model')}: macro-F1 {metrics['macro_f1']:.4f} +- {metrics['macro_f1_std'] if metrics['n_folds'] > 1 else float('nan'):.4f}, "

@@ -208,7 +208,7 @@ def test_resume_with_changed_config_is_refused(dataset, tmp_path, monkeypatch):
 
 def test_undecodable_slices_are_rejected_and_the_scan_kept(tmp_path):
     data = write_dataset(tmp_path / "dicom", n_scans=3, n_slices=3, seed=1)
-    broken = sorted((data / "scan1").glob("*.dcm"))[0]
+    broken = min((data / "scan1").glob("*.dcm"))
     broken.write_bytes(broken.read_bytes()[:-200])                 # header intact, pixels cut short
     for path in (data / "scan2").glob("*.dcm"):                    # every slice of scan 2 broken
         path.write_bytes(path.read_bytes()[:-200])
@@ -228,9 +228,8 @@ def test_undecodable_slices_are_rejected_and_the_scan_kept(tmp_path):
 
 def test_one_writer_at_a_time(tmp_path):
     manifest = {"provenance": {}, "label_names": [], "layout": "folder", "data_root": "/", "n_scans": 0}
-    with PartsWriter(tmp_path / "f.h5", manifest):
-        with pytest.raises(WriterLocked, match="another `drct extract` is writing"):
-            PartsWriter(tmp_path / "f.h5", manifest).open()
+    with PartsWriter(tmp_path / "f.h5", manifest), pytest.raises(WriterLocked, match="another `drct extract`"):
+        PartsWriter(tmp_path / "f.h5", manifest).open()
 
 
 def test_cli_errors_are_clear(tmp_path, dataset):

@@ -91,7 +91,7 @@ def _load_imagenet() -> dict:
     weights = VGG16_Weights.IMAGENET1K_V1
     try:
         return weights.get_state_dict(progress=False)
-    except Exception as exc:  # URLError, SSL, HTTP errors, socket timeouts: all mean "offline"
+    except Exception as exc:  # noqa: BLE001 - URLError, SSL, HTTP errors, socket timeouts: all mean "offline"
         raise EncoderError(
             f"could not download the ImageNet VGG16 weights ({weights.url}): {exc}. "
             "On an offline machine use a local weights file (--weights path/to/vgg16.pth, a torchvision "
@@ -106,7 +106,7 @@ def _load_file(path: Path) -> dict:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
         raise EncoderError(f"cannot read weights file {path} as a torch state dict: {exc}") from None
     if not isinstance(state, dict):
         raise EncoderError(f"weights file {path} holds a {type(state).__name__}, not a state dict")

@@ -89,7 +89,7 @@ def decode_scan(
 
 
 def _import_worker_modules() -> None:
-    import pipeline.data.dicom_io  # noqa: F401
+    import pipeline.data.dicom_io
     import pipeline.features.preprocess  # noqa: F401
 
 
@@ -312,7 +312,7 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
 
             runner.warm_up(batch_size, transferred_resolutions(resolutions, aps_source), resolutions, aps_source)
             start = time.perf_counter()
-            for unit_number, members in units.items():
+            for members in units.values():
                 unit = Unit(first_index=members[0])
                 kept_scans: list[tuple[ScanRecord, list[int]]] = []
                 for i in members:

@@ -41,7 +41,7 @@ def check_settings(resolutions: Sequence[int], windows: Sequence[Sequence[float]
         raise PreprocessError("extract.resolutions is empty: give at least one resolution, e.g. 224,512")
     if any(int(r) < 32 for r in resolutions):
         raise PreprocessError(f"extract.resolutions {list(resolutions)}: VGG16 needs at least 32 px")
-    if list(resolutions) != sorted(set(int(r) for r in resolutions)):
+    if list(resolutions) != sorted({int(r) for r in resolutions}):
         raise PreprocessError(
             f"extract.resolutions {list(resolutions)} must be distinct and increasing "
             "(the first is the primary network input, the last the APS input)"
