@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--naive-seconds", type=float, default=30.0, help="time box of the naive loop")
+    parser.add_argument("--bare-seconds", type=float, default=8.0, help="time box of each bare-forward measurement")
     args = parser.parse_args()
 
     from pipeline.config import load_config
@@ -115,11 +116,17 @@ def main() -> None:
                 "extract.device": args.device, "extract.precision": args.precision,
             }
             config = load_config(None, overrides)
+            # The bare rate brackets the stage-one run (before and after, averaged): on a shared machine
+            # the load drifts, and a ratio of figures taken minutes apart would measure the drift.
+            bare_before = bare_forward_rate(runner, config_resolutions, args.batch_size, args.bare_seconds)
             t = time.perf_counter()
             result = run_extraction(index, config, progress=False, log=lambda m: print("#", m, file=sys.stderr))
             wall = time.perf_counter() - t
             stage = result.n_slices / result.seconds
-            bare = bare_forward_rate(runner, config_resolutions, args.batch_size)
+            bare_after = bare_forward_rate(runner, config_resolutions, args.batch_size, args.bare_seconds)
+            bare = (bare_before + bare_after) / 2
+            print(f"# {config_resolutions}: bare {bare_before:.2f} / {bare_after:.2f} slices/s before/after, "
+                  f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
             rows.append((config_resolutions, stage, result.n_slices / wall, bare, result.wait_seconds / result.seconds))
         naive = naive_rate(paths, encoder, resolutions, load_config()["extract"]["windows"], "upsampled",
                            args.naive_seconds)
@@ -127,9 +134,10 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     cpu = platform.processor() or platform.machine()
+    load = os.getloadavg()
     print(f"device {device} ({runner.precision}), torch {torch.__version__}, {os.cpu_count()} CPUs ({cpu}), "
           f"{args.workers} decoding workers, batch {args.batch_size}, {n_slices} slices of {len(index.scans)} scans "
-          f"at {args.size} px")
+          f"at {args.size} px; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)")
     print()
     print("| resolutions | stage one (slices/s) | incl. startup | bare VGG16 forward | ratio | encoder idle |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

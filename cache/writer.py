@@ -313,7 +313,7 @@ def _stack_scans(scans: list[ScanFeatures], resolutions: list[int], n_classes: i
     nan_row = [float("nan")] * n_classes
     unknown = [-1] * n_classes
     slice_labels = [lab if lab is not None else unknown for s in scans for lab in s.slice_labels]
-    return dict(
+    return dict(  # noqa: C408 - keyword form mirrors write_cache
         scan_ids=[s.scan_id for s in scans],
         patient_ids=[s.patient_id for s in scans],
         scan_labels=np.array([s.labels if s.labels is not None else nan_row for s in scans], np.float32).reshape(
@@ -385,7 +385,7 @@ def _merge_sources(sources: list[Path], scan_order: Sequence[str], resolutions: 
     n_classes = tables[0]["labels"].shape[1] if tables else 0
     # Rejects in scan-index order, so a resumed run writes the same CSV as an uninterrupted one.
     rejects.sort(key=lambda r: (wanted[r.scan_id], r.path))
-    return dict(
+    return dict(  # noqa: C408 - keyword form mirrors write_cache
         scan_ids=scan_ids,
         patient_ids=patient_ids,
         scan_labels=np.array(labels, np.float32).reshape(len(order), n_classes),

@@ -144,8 +144,15 @@ class DaskExecutor:
             self.n_workers = workers
 
     def warm_up(self) -> None:
-        """Import the decoding stack on every worker before the clock starts (torch import takes seconds)."""
-        self.client.run(_import_worker_modules)
+        """Import the decoding stack on every worker before the clock starts (torch import takes seconds).
+
+        Workers of a remote cluster need this package installed and the DICOM paths readable."""
+        try:
+            self.client.run(_import_worker_modules)
+        except ImportError as exc:
+            raise CacheError(
+                f"the dask workers cannot import the pipeline ({exc}); install this package on every worker"
+            ) from None
 
     def submit(self, fn: Callable, *args):
         return self.client.submit(fn, *args, pure=False)
