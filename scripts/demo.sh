@@ -7,8 +7,13 @@ scripts/install.sh
 # `dvc exp` needs a git identity; set a local one only where none is configured.
 git config user.name >/dev/null || git config user.name "drct demo"
 git config user.email >/dev/null || git config user.email "drct-demo@localhost"
-.venv/bin/dvc repro
+# dvc.yaml's commands call `drct`, which lives in the venv.
+export PATH="$PWD/.venv/bin:$PATH"
+start=$SECONDS
+dvc repro
 echo
-echo "Metrics:  $(ls runs/demo/metrics.json runs/demo/interpret.json 2>/dev/null | tr '\n' ' ')"
-echo "Reports:  reports/demo/index.html  (one HTML page per scan, images embedded)"
-echo "Compare:  .venv/bin/dvc metrics show ; .venv/bin/dvc exp run -S train.lr_primary=0.001"
+echo "Done in $((SECONDS - start)) s."
+echo "Metrics:  metrics/metrics.json (Macro-F1 per fold and class), metrics/interpret/interpret.json (Tables 5-6)"
+echo "Plots:    metrics/interpret/plots/*.png (PR curves, top-5 positions, m_key sweep)"
+echo "Reports:  reports/drct/index.html (one HTML page per scan, images embedded)"
+echo "Next:     .venv/bin/dvc metrics show ; PATH=.venv/bin:\$PATH dvc exp run -S train.lr_primary=0.001"

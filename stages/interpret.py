@@ -38,8 +38,11 @@ def _run_meta(run_dir: Path) -> tuple[dict, dict]:
     return meta, config
 
 
-def interpret_run(run_dir: str | Path, cache_path: str | Path | None = None, k: int = 5) -> dict:
-    """Compute interpret.json and the plots of one run; returns the JSON content."""
+def interpret_run(
+    run_dir: str | Path, cache_path: str | Path | None = None, k: int = 5, out_dir: str | Path | None = None
+) -> dict:
+    """Compute interpret.json and the plots of one run into `out_dir` (default: the run dir);
+    returns the JSON content."""
     from cache.store import FeatureCache
     from pipeline import interpret, plots
 
@@ -61,11 +64,12 @@ def interpret_run(run_dir: str | Path, cache_path: str | Path | None = None, k: 
     threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
     result["model"] = meta.get("model")
     result["macro_f1"] = macro_f1(labels, prob, threshold)
-    plot_dir = run_dir / "plots"
+    out_dir = Path(out_dir or run_dir)
+    plot_dir = out_dir / "plots"
     plots.write_pr_curves(plots.pr_curves(labels, prob, names), plot_dir / "pr_curves.csv", plot_dir / "pr_curves.png")
     hist = result["top_position_histogram"]
     plots.write_position_histogram(hist["counts"], plot_dir / "top5_positions.csv", plot_dir / "top5_positions.png", k)
-    (run_dir / "interpret.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "interpret.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -85,9 +89,11 @@ def sweep_point(run_dir: str | Path) -> dict:
 
 
 def train_sweep(run_dir: str | Path, m_keys: list[int], epochs: int | None = None,
-                selections: tuple[str, ...] = ("attention", "random"), log=print) -> list[Path]:
+                selections: tuple[str, ...] = ("attention", "random"), log=print,
+                out_dir: str | Path | None = None) -> list[Path]:
     """Fig. 6 by training: retrain RUN_DIR's configuration at each m_key x selection (via the
-    training API, optionally with fewer epochs) into RUN_DIR/sweep/mkey<N>_<selection>/."""
+    training API, optionally with fewer epochs) into OUT_DIR/sweep/mkey<N>_<selection>/
+    (OUT_DIR defaults to RUN_DIR)."""
     import copy
 
     from pipeline.training.trainer import run_training
@@ -108,7 +114,7 @@ def train_sweep(run_dir: str | Path, m_keys: list[int], epochs: int | None = Non
             cfg["model"]["aps_selection"] = selection
             if epochs:
                 cfg["train"]["epochs"] = int(epochs)
-            out = run_dir / "sweep" / f"mkey{m_key}_{selection}"
+            out = Path(out_dir or run_dir) / "sweep" / f"mkey{m_key}_{selection}"
             log(f"sweep: training m_key={m_key} selection={selection} -> {out}")
             run_training(cfg, meta["cache"], out, progress=False, log=lambda _msg: None)
             out_dirs.append(out)
@@ -124,12 +130,15 @@ def train_sweep(run_dir: str | Path, m_keys: list[int], epochs: int | None = Non
               help="Fig. 6 by training: retrain this run's config at each m_key with attention and random "
                    "selection into RUN_DIR/sweep/ (e.g. 4,8,16,28), then plot the sweep.")
 @click.option("--sweep-epochs", type=int, default=None, help="Epochs per sweep run (default: the run's train.epochs).")
-def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs):
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for interpret.json, plots/ and sweep/ (default: RUN_DIR). DVC needs it outside "
+                   "the train stage's run dir.")
+def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_dir):
     """Key-slice evaluation of a run: Algorithm 1, Tables 5-6, Figs. 5-7.
 
     \b
-    Writes RUN_DIR/interpret.json and RUN_DIR/plots/{pr_curves,top5_positions}.{csv,png};
-    with --sweep (existing runs) or --train-sweep (trains them) also RUN_DIR/plots/mkey_sweep.{csv,png}
+    Writes OUT/interpret.json and OUT/plots/{pr_curves,top5_positions}.{csv,png} (OUT: --out or RUN_DIR);
+    with --sweep (existing runs) or --train-sweep (trains them) also OUT/plots/mkey_sweep.{csv,png}
     and interpret.json["mkey_sweep"] (one point per run: m_key, selection, out-of-fold Macro-F1).
     The slice-level tasks need slice labels (RSNA layout, phantom); on CQ500 they report 0 scans.
     """
@@ -138,21 +147,22 @@ def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs):
     try:
         from pipeline.config import load_config
 
-        result = interpret_run(run_dir, cache_path, k=int(load_config(None)["report"]["top_k"]))
+        out_dir = Path(out_dir or run_dir)
+        result = interpret_run(run_dir, cache_path, k=int(load_config(None)["report"]["top_k"]), out_dir=out_dir)
         if train_m_keys:
             try:
                 m_keys = [int(v) for v in str(train_m_keys).split(",") if v.strip()]
             except ValueError:
                 raise click.ClickException(f"--train-sweep {train_m_keys!r}: give integers, e.g. 4,8,16") from None
-            sweep = (*sweep, *(str(d) for d in train_sweep(run_dir, m_keys, sweep_epochs, log=click.echo)))
+            sweep = (*sweep, *(str(d) for d in train_sweep(run_dir, m_keys, sweep_epochs, log=click.echo, out_dir=out_dir)))
         if sweep:
             from pipeline import plots
 
             points = [sweep_point(d) for d in (run_dir, *sweep)]
-            plot_dir = Path(run_dir) / "plots"
+            plot_dir = out_dir / "plots"
             plots.write_mkey_sweep(points, plot_dir / "mkey_sweep.csv", plot_dir / "mkey_sweep.png")
             result["mkey_sweep"] = points
-            (Path(run_dir) / "interpret.json").write_text(json.dumps(result, indent=2))
+            (out_dir / "interpret.json").write_text(json.dumps(result, indent=2))
     except CacheError as exc:
         raise click.ClickException(str(exc)) from None
     for task, value in result["tasks"].items():
@@ -161,4 +171,4 @@ def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs):
     for name, value in result["per_disease"].items():
         acc = "n/a" if value["accuracy"] is None else f"{100 * value['accuracy']:.2f}%"
         click.echo(f"  {name:18s} {value['amount']:7d} slices  {acc}")
-    click.echo(f"wrote {Path(run_dir) / 'interpret.json'}")
+    click.echo(f"wrote {out_dir / 'interpret.json'}")

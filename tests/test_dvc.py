@@ -71,6 +71,7 @@ TINY_PARAMS = {
     "train": {"loss": "mse_mse_bce", "lr_primary": 0.0005, "lr_aps": 0.0003, "lr_fusion": 0.0005, "epochs": 1,
               "batch_size": 4, "folds": 2},
     "evaluate": {"threshold": 0.5},
+    "interpret": {"sweep_m_keys": "2,4", "sweep_epochs": 1},
 }
 
 
@@ -190,11 +191,14 @@ def test_dvc_repro_and_head_experiment(tmp_path):
     run("git", "commit", "-qm", "tiny pipeline")
 
     out = run(str(DVC), "repro")
-    for stage in ("data", "extract", "train", "evaluate", "report"):
+    for stage in ("data", "extract", "train", "evaluate", "interpret", "report"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
     assert metrics  # the evaluate stage wrote its metrics
     assert (repo / "reports/drct/index.html").is_file()
+    interpretation = json.loads((repo / "metrics/interpret/interpret.json").read_text())
+    assert {"easy", "difficult", "comprehensive"} <= set(interpretation["tasks"])
+    assert len(interpretation["mkey_sweep"]) == 1 + 2 * 2  # the run itself + 2 m_key x (attention, random)
     cache = repo / "features/features.h5"
     cache_hash, cache_mtime = _sha(cache), cache.stat().st_mtime_ns
     # positive control: the hook sees the stage-one CNN
@@ -208,7 +212,7 @@ def test_dvc_repro_and_head_experiment(tmp_path):
 
     out = run(str(DVC), "exp", "run", "-S", "train.lr_primary=0.002", "-n", "lr2")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
-    assert ran == {"train", "evaluate", "report"}
+    assert ran == {"train", "evaluate", "interpret", "report"}
     assert _sha(cache) == cache_hash and cache.stat().st_mtime_ns == cache_mtime
     commands = {line.split(" ", 1)[1] for line in conv_processes()}
     assert commands <= {"drct report"}, f"a CNN forward outside the report heatmaps: {commands}"
