@@ -43,6 +43,7 @@ from pipeline.data.index import (
     order_series,
     read_headers,
     read_scan_labels_csv,
+    resolve_label_file,
     slice_refs,
     split_headers,
 )
@@ -185,17 +186,7 @@ def build_cq500_index(
 ) -> ScanIndex:
     """Index a CQ500-layout folder (see module docstring for the labels and the series rule)."""
     root = Path(root).resolve()
-    if labels_csv is None:
-        default = root / DEFAULT_LABELS
-        if default.is_file():
-            labels_csv = default
-        elif scan_labels_csv is None:
-            raise FileNotFoundError(
-                f"CQ500 reads not found: {default} (give the reads.csv path explicitly, "
-                "or use layout 'folder' for unlabelled scans)"
-            )
-    elif not Path(labels_csv).is_file():
-        raise FileNotFoundError(f"CQ500 reads file not found: {labels_csv}")
+    labels_csv = resolve_label_file(root, labels_csv, scan_labels_csv, DEFAULT_LABELS, "CQ500 reads")
     index = ScanIndex(layout="cq500", root=str(root), label_names=list(CQ500_LABELS))
     reads = read_cq500_reads(labels_csv) if labels_csv is not None else {}
     table_key, table = read_scan_labels_csv(scan_labels_csv, CQ500_LABELS) if scan_labels_csv else ("", {})

@@ -362,6 +362,26 @@ def read_scan_labels_csv(path: str | Path, label_names: list[str]) -> tuple[str,
     return SCAN_ID_COLUMNS[id_column], table
 
 
+def resolve_label_file(
+    root: Path, labels_csv: str | Path | None, scan_labels_csv: str | Path | None, default_name: str, what: str
+) -> Path | None:
+    """The label file a layout reads: the given path (which must exist), else ``root/default_name``;
+    None only when a scan-level table stands in for it. A missing file is an error naming the path."""
+    if labels_csv is not None:
+        if not Path(labels_csv).is_file():
+            raise FileNotFoundError(f"{what} file not found: {labels_csv}")
+        return Path(labels_csv)
+    default = root / default_name
+    if default.is_file():
+        return default
+    if scan_labels_csv is None:
+        raise FileNotFoundError(
+            f"{what} not found: {default} (give the label file explicitly, "
+            "or use layout 'folder' for unlabelled scans)"
+        )
+    return None
+
+
 def build_scan_index(
     root: str | Path,
     layout: str,

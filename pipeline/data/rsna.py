@@ -35,6 +35,7 @@ from pipeline.data.index import (
     order_series,
     read_headers,
     read_scan_labels_csv,
+    resolve_label_file,
     slice_refs,
     split_headers,
 )
@@ -132,17 +133,7 @@ def build_rsna_index(
 ) -> ScanIndex:
     """Index an RSNA-layout folder (see module docstring for the rules)."""
     root = Path(root).resolve()
-    if labels_csv is None:
-        default = root / DEFAULT_LABELS
-        if default.is_file():
-            labels_csv = default
-        elif scan_labels_csv is None:
-            raise FileNotFoundError(
-                f"RSNA labels not found: {default} (give the labels CSV explicitly, "
-                "or use layout 'folder' for unlabelled scans)"
-            )
-    elif not Path(labels_csv).is_file():
-        raise FileNotFoundError(f"RSNA labels file not found: {labels_csv}")
+    labels_csv = resolve_label_file(root, labels_csv, scan_labels_csv, DEFAULT_LABELS, "RSNA labels")
     index = ScanIndex(layout="rsna", root=str(root), label_names=list(RSNA_LABELS))
     slice_labels: dict[str, list[int]] = {}
     if labels_csv is not None:
