@@ -17,6 +17,7 @@ Run:  .venv/bin/python bench/phantom_probe.py CACHE [--json FILE]   (markdown ta
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -41,7 +42,7 @@ def hu_features(hu: np.ndarray) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     r = np.hypot((yy - (h - 1) / 2) / (h / 2), (xx - (w - 1) / 2) / (w / 2))
     out = []
-    for lo, hi in zip(RING_EDGES[:-1], RING_EDGES[1:]):
+    for lo, hi in itertools.pairwise(RING_EDGES):
         zone = hu[(r >= lo) & (r < hi)]
         counts, _ = np.histogram(zone, bins=HU_EDGES)
         out.append(counts / max(zone.size, 1))
@@ -115,7 +116,7 @@ def main() -> None:
     inputs["VGG16 random " + "+".join(map(str, cache.resolutions)) + " (1024)"] = np.concatenate(
         [np.log1p(np.maximum(feats[r], 0)) for r in cache.resolutions], axis=1)
 
-    result = {"n_scans": int(len(t.scan_id)), "n_slices": int(len(t.path)), "labels": names, "probes": {}}
+    result = {"n_scans": len(t.scan_id), "n_slices": len(t.path), "labels": names, "probes": {}}
     labelled = (t.slice_labels >= 0).all(axis=1)
     ys = t.slice_labels[labelled].astype(np.float64)
     yscan = np.nan_to_num(t.labels).astype(np.float64)

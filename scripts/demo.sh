@@ -11,6 +11,7 @@ git config user.email >/dev/null || git config user.email "drct-demo@localhost"
 export PATH="$PWD/.venv/bin:$PATH"
 start=$SECONDS
 dvc repro
+drct cache verify features/features.h5
 echo
 echo "Done in $((SECONDS - start)) s."
 echo "Metrics:  metrics/metrics.json (Macro-F1 per fold and class), metrics/interpret/interpret.json (Tables 5-6)"
