@@ -19,7 +19,7 @@ from pipeline.data.index import (
     slice_refs,
     split_headers,
 )
-from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
+from pipeline.data.scan_index import ScanIndex, ScanRecord
 
 
 def build_folder_index(
@@ -34,14 +34,7 @@ def build_folder_index(
         groups[header.series_uid].append(header)
     for series_uid, members in sorted(groups.items()):
         ordered = order_series(members, series_uid, index.rejects)
-        if not ordered:
-            index.rejects.append(
-                Reject(
-                    path=str(Path(members[0].path).parent),
-                    scan_id=series_uid,
-                    reason="no usable slices left in the scan",
-                )
-            )
+        if not ordered:  # order_series has recorded why
             continue
         patient = Counter(h.patient_id for h in ordered).most_common(1)[0][0]
         study = Counter(h.study_uid for h in ordered).most_common(1)[0][0]

@@ -217,7 +217,7 @@ def split_headers(
 def order_series(headers: list[SliceHeader], scan_id: str, rejects: list[Reject]) -> list[SliceHeader]:
     """One series' usable slices in z order; everything dropped is appended to `rejects`.
 
-    Steps: drop localizers; drop images whose normal differs from the series' majority normal
+    A series left with no slice gets a scan-level reject too. Steps: drop localizers; drop images whose normal differs from the series' majority normal
     (untagged localizers, stray reformats); sort by `slice_position`, or by InstanceNumber for the
     whole series where any slice lacks a position; keep the first file (by path) of each position
     and reject the others as duplicates; reject slices with neither position nor InstanceNumber.
@@ -300,6 +300,9 @@ def order_series(headers: list[SliceHeader], scan_id: str, rejects: list[Reject]
             continue
         seen_sop.add(header.sop_uid)
         result.append(header)
+    if headers and not result:
+        folder = str(Path(headers[0].path).parent)
+        rejects.append(Reject(path=folder, scan_id=scan_id, reason="no usable slices left in the scan"))
     return result
 
 

@@ -155,14 +155,7 @@ def build_rsna_index(
         used[series] += 1
         scan_id = series if used[series] == 1 else f"{series}~{used[series]}"
         ordered = order_series(members, scan_id, index.rejects)
-        if not ordered:
-            index.rejects.append(
-                Reject(
-                    path=str(Path(members[0].path).parent),
-                    scan_id=scan_id,
-                    reason="no usable slices left in the scan",
-                )
-            )
+        if not ordered:  # order_series has recorded why
             continue
         slices = slice_refs(ordered, label_of)
         record = ScanRecord(
