@@ -41,6 +41,8 @@ def build_model(config: dict, n_classes: int) -> DrCT:
         readout_mode=readout_mode,
         learnable_feature_attention=str(mc.get("feature_attention", "softmax")) == "learnable",
         activation=activation,
+        input_norm=str(mc.get("input_norm", "standardize")),
+        attention_rescale=str(mc.get("feature_attention_scale", "dim")) == "dim",
     )
     if name == "drct1":
         return DrCT(primary, m_key=min(int(mc["m_key"]), m))

@@ -6,6 +6,13 @@ multiplication to merge these two vectors"). There are no parameters: the attent
 re-scales what the frozen VGG16 already found salient, which is why the weights can be drawn
 as a per-feature heat map in the report (the CAM of the highest-weighted channels).
 
+Scale: the weights of one slice sum to 1, so x = z * w is about 1/512 of z, and the BiGRU
+starts from inputs three orders of magnitude smaller than its own initialisation expects.
+``rescale=True`` (config ``model.feature_attention_scale: dim``, default) multiplies by D, so a
+uniform attention leaves z unchanged: x = D * z * w. A constant factor is absorbed by the
+BiGRU's input weights in exact arithmetic, so this is eq. 3 with a better starting point;
+``one`` keeps the literal form.
+
 A learnable variant (``learnable=True``, config ``model.feature_attention: learnable``) scores
 each value with a linear map before the softmax, w = softmax(W z + b); it is not in the paper.
 """
@@ -19,11 +26,12 @@ from torch import nn
 class FeatureAttention(nn.Module):
     """(B, m, D) slice vectors -> (x, w), both (B, m, D); w sums to 1 over D for every slice."""
 
-    def __init__(self, feature_dim: int = 512, learnable: bool = False):
+    def __init__(self, feature_dim: int = 512, learnable: bool = False, rescale: bool = True):
         super().__init__()
         self.score = nn.Linear(feature_dim, feature_dim) if learnable else None
+        self.scale = float(feature_dim) if rescale else 1.0
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = z if self.score is None else self.score(z)
         w = torch.softmax(scores, dim=-1)
-        return z * w, w
+        return z * w * self.scale, w

@@ -3,7 +3,8 @@
 Input: the m sampled slices' 512-d VGG16 vectors at the primary resolution (224), read from the
 feature cache (the paper's encoder, frozen, is stage one). Shapes, with B scans per batch::
 
-    z (B, m, D=512) --FeatureAttention (eq. 3)--> x (B, m, D), feature_attention (B, m, D)
+    z (B, m, D=512) --FeatureStandardizer (per-channel, training-fold statistics)-->
+      --FeatureAttention (eq. 3)--> x (B, m, D), feature_attention (B, m, D)
       --DependenciesLearning (eq. 4)--> y (B, m, H=2*gru_hidden)
       --SliceAttention (eqs. 5-6)--> weighted (B, m, H), slice_attention (B, m)
       --readout--> pooled (B, H) ("sum": sum_t w_t y_t)  or (B, m*H) ("flatten")
@@ -24,6 +25,7 @@ from torch import nn
 from pipeline.heads.classifier import make_classifier
 from pipeline.heads.dependencies import DependenciesLearning
 from pipeline.heads.feature_attention import FeatureAttention
+from pipeline.heads.input_norm import NORMS, FeatureStandardizer
 from pipeline.heads.slice_attention import SliceAttention
 
 READOUTS = ("sum", "flatten")
@@ -49,13 +51,19 @@ class PrimaryNetwork(nn.Module):
         readout_mode: str = "sum",
         learnable_feature_attention: bool = False,
         activation: str = "tanh",
+        input_norm: str = "standardize",
+        attention_rescale: bool = True,
     ):
         super().__init__()
         if readout_mode not in READOUTS:
             raise ValueError(f"unknown readout '{readout_mode}'; choose from {READOUTS}")
         self.m = m
         self.readout_mode = readout_mode
-        self.feature_attention = FeatureAttention(feature_dim, learnable_feature_attention)
+        if input_norm not in NORMS:
+            raise ValueError(f"unknown model.input_norm '{input_norm}'; choose from {NORMS}")
+        centre = "scan" if input_norm == "scan" else "dataset"
+        self.standardize = FeatureStandardizer(feature_dim, centre) if input_norm != "none" else None
+        self.feature_attention = FeatureAttention(feature_dim, learnable_feature_attention, attention_rescale)
         self.dependencies = DependenciesLearning(feature_dim, gru_hidden, activation)
         self.out_dim = self.dependencies.out_dim
         self.slice_attention = SliceAttention(self.out_dim)
@@ -63,6 +71,8 @@ class PrimaryNetwork(nn.Module):
         self.classifier = make_classifier(pooled_dim, fc_hidden, n_classes, dropout)
 
     def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.standardize is not None:
+            z = self.standardize(z)
         x, feature_w = self.feature_attention(z)
         y = self.dependencies(x)
         weighted, slice_w = self.slice_attention(y)

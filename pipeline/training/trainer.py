@@ -74,7 +74,8 @@ def resolutions(config: dict, cache: FeatureCache) -> dict[str, int]:
 
 def optimizer_for(model: DrCT, config: dict) -> torch.optim.Optimizer:
     t = config["train"]
-    return torch.optim.Adam(model.parameter_groups(float(t["lr_primary"]), float(t["lr_aps"]), float(t["lr_fusion"])))
+    groups = model.parameter_groups(float(t["lr_primary"]), float(t["lr_aps"]), float(t["lr_fusion"]))
+    return torch.optim.Adam(groups, weight_decay=float(t.get("weight_decay") or 0.0))
 
 
 def train_epoch(
@@ -223,7 +224,10 @@ def run_training(
         rng = np.random.default_rng([seed, fold])
         train_scans = labelled[fold_of != fold]
         val_scans = labelled[fold_of == fold]
-        model = build_model(config, len(names)).to(device)
+        model = build_model(config, len(names))
+        if model.primary.standardize is not None:  # this fold's training scans only
+            model.primary.standardize.set_statistics(*data.channel_statistics(train_scans))
+        model = model.to(device)
         optimizer = optimizer_for(model, config)
         history = []
         val_f1 = float("nan")
