@@ -106,7 +106,7 @@ def test_drct1_run_and_evaluate_with_paired_ttest(run_dirs):
     result = runner.invoke(main, ["evaluate", str(run_dirs["drct2"]), "--compare", str(run_dirs["drct1"])])
     assert result.exit_code == 0, result.output
     metrics = json.loads((run_dirs["drct2"] / "metrics.json").read_text())
-    for key in ("macro_f1", "macro_precision", "macro_recall", "macro_auc", "macro_f1_std"):
+    for key in ("macro_f1", "macro_precision", "macro_recall", "macro_auc", "macro_f1_fold_mean", "macro_f1_fold_std"):
         assert key in metrics
     assert set(metrics["per_class"]) == set(NAMES)
     assert set(metrics["per_class"]["any"]) >= {"precision", "recall", "f1", "auc"}
