@@ -149,7 +149,7 @@ def test_ablation_options_train_one_fold(cache_path, tmp_path, extra):
     if extra.get("model.aps_selection") == "random":
         model, _, _ = load_model(tmp_path / "fold_0" / "checkpoint.pt")
         data = CachedFeatures.from_cache(FeatureCache(cache_path), 224, 512)
-        scans = np.flatnonzero(oof["fold"] == 0)
+        scans = oof["cache_index"]  # the validation scans of fold 0, as cache rows
         a, b = predict_scans(model, data, scans, 8, 64), predict_scans(model, data, scans, 8, 64)
         np.testing.assert_array_equal(a["aps_idx"], b["aps_idx"])  # evaluation is repeatable
         np.testing.assert_array_equal(a["aps_idx"], oof["aps_idx"])
