@@ -46,7 +46,7 @@ def test_default_keeps_every_plain_axial_series_grouped_by_patient(cq500_tree):
     assert left_out == {"2.1.2": "post-contrast series", "2.1.4": "bone/lung reconstruction or reformat",
                         "2.1.5": "bone/lung reconstruction or reformat", "2.2.2": "post-contrast series"}
     assert cohort_summary(index) == {"scans": 3, "patients": 2, "min_slices": 5, "max_slices": 12,
-                                     "series_left_out": 4}
+                                     "slices": 23, "series_left_out": 4}
 
 
 def test_one_series_per_patient_option_and_bone_option(cq500_tree):
@@ -65,7 +65,7 @@ def test_count_command_prints_the_cohort(cq500_tree, capsys):
     assert json.loads(capsys.readouterr().out)["scans"] == 3
     assert main([str(cq500_tree), "--series", "one"]) == 0
     assert json.loads(capsys.readouterr().out) == {"scans": 2, "patients": 2, "min_slices": 5, "max_slices": 6,
-                                                   "series_left_out": 5}
+                                                   "slices": 11, "series_left_out": 5}
     with pytest.raises(SystemExit) as exc:
         main([str(cq500_tree / "nope")])
     assert exc.value.code == 2
@@ -78,4 +78,4 @@ def test_real_cq500_scans_one_series_each(real_data):
     one = build_cq500_index(root, reads, progress=False, series="one")
     assert [s.scan_id for s in every.scans] == [s.scan_id for s in one.scans]
     assert cohort_summary(every) == {"scans": 7, "patients": 7, "min_slices": 30, "max_slices": 30,
-                                     "series_left_out": 0}
+                                     "slices": 210, "series_left_out": 0}

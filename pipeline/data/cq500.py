@@ -321,6 +321,7 @@ def cohort_summary(index: ScanIndex) -> dict:
         "patients": len({scan.patient_id for scan in index.scans}),
         "min_slices": min(lengths, default=0),
         "max_slices": max(lengths, default=0),
+        "slices": sum(lengths),
         "series_left_out": sum(1 for r in index.rejects if "left out" in r.reason),
     }
 
