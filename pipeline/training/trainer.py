@@ -272,6 +272,7 @@ def run_training(
     if epochs < 1:
         raise TrainingError(f"train.epochs must be at least 1, got {epochs}")
     augment = bool(config["sampler"].get("augment", True))
+    threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))  # for val_macro_f1 only
     train_phases = str(config["sampler"].get("train_phases", "all"))
     if train_phases not in TRAIN_PHASES:
         raise TrainingError(f"sampler.train_phases must be one of {', '.join(TRAIN_PHASES)}, not '{train_phases}'")
@@ -298,7 +299,7 @@ def run_training(
             stats = train_epoch(model, data, train_scans, m, batch_size, optimizer, loss_fn, rng, augment, bar,
                                 train_phases)
             preds = predict_scans(model, data, val_scans, m, eval_batch, seed)
-            val_f1 = classification_metrics(data.labels[val_scans], preds["prob"], names)["macro_f1"]
+            val_f1 = classification_metrics(data.labels[val_scans], preds["prob"], names, threshold)["macro_f1"]
             bar.set_postfix(loss=f"{stats['loss']:.4f}", val_macro_f1=f"{val_f1:.4f}")
             bar.close()
             history.append({"epoch": epoch, **stats, "val_macro_f1": val_f1})
