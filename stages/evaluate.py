@@ -16,7 +16,8 @@ class StageError(click.ClickException):
 
 
 def evaluate_run(run_dir: str | Path, threshold: float | None = None) -> dict:
-    """Metrics of RUN_DIR/oof.npz: macro P/R/F1/AUC as mean and std over folds, per class, per fold."""
+    """Metrics of RUN_DIR/oof.npz (see `pipeline.metrics.cross_validation_metrics`): pooled
+    out-of-fold macro P/R/F1/AUC with the fold mean and std beside them, per class, per fold."""
     run_dir = Path(run_dir)
     oof_path, run_path = run_dir / "oof.npz", run_dir / "run.json"
     for path in (oof_path, run_path):
@@ -52,16 +53,20 @@ def evaluate_run(run_dir: str | Path, threshold: float | None = None) -> dict:
 @click.option("--compare", "other", type=click.Path(file_okay=False), default=None,
               help="Another run directory (same folds): add a paired t-test across folds to the JSON.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,
-              help="Decision threshold [evaluate.threshold of the run's config, paper 0.5].")
+              help="Decision threshold [evaluate.threshold of the run's config; 0.5 is our default, the paper states none].")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Metrics file [default: RUN_DIR/metrics.json].")
 def evaluate(run_dir, other, threshold, out_path):
     """Write RUN_DIR/metrics.json from RUN_DIR/oof.npz.
 
     \b
-    macro_f1, macro_precision, macro_recall, macro_auc: mean over folds, plus *_std
-    (sample std over folds); per_class {name: {precision, recall, f1, auc}}; per_fold; pooled
-    (all out-of-fold predictions together); primary/aps: the branches' own macro figures.
+    macro_f1, macro_precision, macro_recall, macro_auc: the headline, computed over all
+    out-of-fold predictions pooled (every scan predicted once, by the fold that held it out);
+    beside each, *_fold_mean and *_fold_std (mean and sample std of the per-fold figures).
+    A macro average leaves out classes without a positive scan in the evaluated set
+    (classes_left_out; folds_leaving_out names the folds that lacked a class).
+    per_class {name: {precision, recall, f1, auc, support, *_fold_mean, *_fold_std}}; per_fold;
+    primary/aps: the branches' own macro figures, same definitions.
     With --compare OTHER: paired t-tests (scipy ttest_rel) across folds of each macro metric,
     RUN_DIR minus OTHER (how the paper compares DrCT1 and DrCT2).
     """
@@ -79,9 +84,13 @@ def evaluate(run_dir, other, threshold, out_path):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json_safe(metrics), indent=1))
     click.echo(
-        f"{metrics.get('model')}: macro-F1 {metrics['macro_f1']:.4f} +- {metrics['macro_f1_std'] if metrics['n_folds'] > 1 else float('nan'):.4f}, "
+        f"{metrics.get('model')}: pooled out-of-fold macro-F1 {metrics['macro_f1']:.4f} "
+        f"(fold mean {metrics['macro_f1_fold_mean']:.4f} +- {metrics['macro_f1_fold_std']:.4f}), "
         f"precision {metrics['macro_precision']:.4f}, recall {metrics['macro_recall']:.4f} over {metrics['n_folds']} fold(s) -> {path}"
     )
+    if metrics["folds_leaving_out"]:
+        left = "; ".join(f"{name} in fold(s) {', '.join(map(str, folds))}" for name, folds in metrics["folds_leaving_out"].items())
+        click.echo(f"classes without positives, left out of those folds' macro averages: {left}")
     if "compare" in metrics:
         test = metrics["compare"]["tests"]["macro_f1"]
         click.echo(f"paired t-test macro-F1 vs {other}: diff {test['mean_difference']:+.4f}, t={test['statistic']:.3f}, p={test['pvalue']:.4g}")

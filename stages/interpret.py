@@ -14,16 +14,17 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pipeline.metrics import json_safe
+
 
 def macro_f1(labels: np.ndarray, prob: np.ndarray, threshold: float) -> float:
-    """Macro-F1 over classes at the threshold (scans with unknown labels left out per class)."""
-    scores = []
-    for c in range(labels.shape[1]):
-        known = ~np.isnan(labels[:, c])
-        y, p = labels[known, c] > 0.5, prob[known, c] >= threshold
-        tp, fp, fn = int((y & p).sum()), int((~y & p).sum()), int((y & ~p).sum())
-        scores.append(2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0)
-    return float(np.mean(scores)) if scores else float("nan")
+    """The pooled out-of-fold macro-F1, by `pipeline.metrics` (the same number and name as
+    metrics.json's ``macro_f1``)."""
+    from pipeline.metrics import classification_metrics
+
+    labels = np.asarray(labels, np.float64)
+    names = [str(j) for j in range(labels.shape[1])]
+    return classification_metrics(labels, np.asarray(prob, np.float64), names, threshold)["macro_f1"]
 
 
 def _run_meta(run_dir: Path) -> tuple[dict, dict]:
@@ -69,7 +70,7 @@ def interpret_run(
     plots.write_pr_curves(plots.pr_curves(labels, prob, names), plot_dir / "pr_curves.csv", plot_dir / "pr_curves.png")
     hist = result["top_position_histogram"]
     plots.write_position_histogram(hist["counts"], plot_dir / "top5_positions.csv", plot_dir / "top5_positions.png", k)
-    (out_dir / "interpret.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "interpret.json").write_text(json.dumps(json_safe(result), indent=2))
     return result
 
 
@@ -162,7 +163,7 @@ def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_di
             plot_dir = out_dir / "plots"
             plots.write_mkey_sweep(points, plot_dir / "mkey_sweep.csv", plot_dir / "mkey_sweep.png")
             result["mkey_sweep"] = points
-            (out_dir / "interpret.json").write_text(json.dumps(result, indent=2))
+            (out_dir / "interpret.json").write_text(json.dumps(json_safe(result), indent=2))
     except CacheError as exc:
         raise click.ClickException(str(exc)) from None
     for task, value in result["tasks"].items():

@@ -40,8 +40,10 @@ def test_against_sklearn_random():
     prob = np.clip(labels * 0.3 + rng.random((300, 6)) * 0.7, 0, 1).round(2)  # ties included
     m = classification_metrics(labels, prob, list("abcdef"))
     pred = (prob >= 0.5).astype(int)
-    p, r, f, _ = precision_recall_fscore_support(labels, pred, average="macro", zero_division=0)
+    # the macro average runs over the classes with positives (f has none): sklearn on a..e
+    p, r, f, _ = precision_recall_fscore_support(labels, pred, labels=range(5), average="macro", zero_division=0)
     assert (m["macro_precision"], m["macro_recall"], m["macro_f1"]) == pytest.approx((p, r, f))
+    assert m["classes_left_out"] == ["f"]
     p, r, f, _ = precision_recall_fscore_support(labels, pred, average=None, zero_division=0)
     for j, name in enumerate("abcdef"):
         assert m["per_class"][name]["f1"] == pytest.approx(f[j])
@@ -52,17 +54,45 @@ def test_against_sklearn_random():
     assert m["macro_auc"] == pytest.approx(np.mean(aucs))
 
 
-def test_fold_mean_and_std():
+def test_pooled_headline_with_fold_mean_and_std_beside_it():
     labels = np.array([[1], [0], [1], [0], [1], [0]])
     prob = np.array([[0.9], [0.1], [0.2], [0.1], [0.8], [0.9]])
     fold = np.array([0, 0, 1, 1, 2, 2])
     m = cross_validation_metrics(labels, prob, fold, ["x"])
     f1s = [1.0, 0.0, 2 / 3]
     assert [f["macro_f1"] for f in m["per_fold"]] == pytest.approx(f1s)
-    assert m["macro_f1"] == pytest.approx(np.mean(f1s))
-    assert m["macro_f1_std"] == pytest.approx(np.std(f1s, ddof=1))
-    assert m["per_class"]["x"]["f1"] == pytest.approx(np.mean(f1s))
-    assert m["pooled"]["n"] == 6
+    # pooled: TP=2 (0.9, 0.8), FN=1 (0.2), FP=1 (0.9) -> F1 = 4 / 6
+    assert m["macro_f1"] == pytest.approx(2 / 3)
+    assert m["macro_precision"] == pytest.approx(2 / 3) and m["macro_recall"] == pytest.approx(2 / 3)
+    assert m["macro_f1_fold_mean"] == pytest.approx(np.mean(f1s))
+    assert m["macro_f1_fold_std"] == pytest.approx(np.std(f1s, ddof=1))
+    assert m["per_class"]["x"]["f1"] == pytest.approx(2 / 3)
+    assert m["per_class"]["x"]["f1_fold_mean"] == pytest.approx(np.mean(f1s))
+    assert m["n"] == 6 and "pooled" not in m and "macro_f1_std" not in m
+
+
+def test_fold_without_positives_is_left_out_of_that_folds_macro_average():
+    # class b has no positive in fold 1: its F1 there would be 0 whatever the model does
+    labels = np.array([[1, 1], [0, 0], [1, 0], [0, 0]])
+    prob = np.array([[0.9, 0.8], [0.1, 0.1], [0.8, 0.1], [0.2, 0.3]])
+    fold = np.array([0, 0, 1, 1])
+    m = cross_validation_metrics(labels, prob, fold, ["a", "b"])
+    f0, f1 = m["per_fold"]
+    assert f0["macro_f1"] == 1.0 and f0["classes_left_out"] == []
+    assert f1["macro_f1"] == 1.0 and f1["classes_left_out"] == ["b"]  # not (1 + 0) / 2
+    assert f1["per_class"]["b"]["f1"] == 0.0  # still reported per class
+    assert m["folds_leaving_out"] == {"b": [1]}
+    assert m["macro_f1_fold_mean"] == 1.0
+    assert m["per_class"]["b"]["f1_fold_mean"] == 1.0  # over the folds where b has positives
+    assert m["macro_f1"] == 1.0 and m["classes_left_out"] == []
+
+
+def test_unknown_labels_leave_the_scan_out_of_that_class_only():
+    labels = np.array([[1, np.nan], [0, 1], [np.nan, 0]])
+    prob = np.array([[0.9, 0.9], [0.9, 0.9], [0.9, 0.1]])
+    m = classification_metrics(labels, prob, ["a", "b"])
+    assert m["per_class"]["a"]["precision"] == 0.5 and m["per_class"]["a"]["recall"] == 1.0
+    assert m["per_class"]["b"]["f1"] == 1.0 and m["per_class"]["b"]["auc"] == 1.0
 
 
 def test_paired_ttest_matches_scipy_and_needs_two_folds():
@@ -79,3 +109,61 @@ def test_paired_ttest_matches_scipy_and_needs_two_folds():
 
 def test_json_safe_replaces_nan():
     assert json_safe({"a": float("nan"), "b": [np.float32(1.5), np.int64(2)]}) == {"a": None, "b": [1.5, 2]}
+
+
+def _flatten(value, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1}: the names `dvc metrics show` displays."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def test_interpret_and_evaluate_agree_on_every_shared_metric(tmp_path):
+    """One name, one number: interpret.json and metrics.json share keys (macro_f1, model, ...),
+    and every shared key has the same value; interpret's macro-F1 is the pooled one."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from report_fixtures import cache_from_index, run_from_cache, tiny_provenance
+
+    from pipeline.data.index import build_scan_index
+    from pipeline.data.phantom import make_phantom
+    from stages.cli import main
+
+    make_phantom(tmp_path / "dicom", layout="rsna", scans=6, seed=2, size=32)
+    index = build_scan_index(tmp_path / "dicom", "rsna", workers=1, progress=False)
+    provenance = tiny_provenance()
+    cache = cache_from_index(index, tmp_path / "f.h5", provenance)
+    run = run_from_cache(tmp_path / "run", cache, index, provenance, m=8)
+    oof = dict(np.load(run / "oof.npz"))
+    oof["fold"] = np.arange(len(oof["fold"])) % 2  # two folds: pooled != fold mean in general
+    np.savez(run / "oof.npz", **oof)
+    runner = CliRunner()
+    assert (result := runner.invoke(main, ["evaluate", str(run)])).exit_code == 0, result.output
+    assert (result := runner.invoke(main, ["interpret", str(run)])).exit_code == 0, result.output
+    metrics = _flatten(json.loads((run / "metrics.json").read_text()))
+    interpretation = _flatten(json.loads((run / "interpret.json").read_text()))
+    shared = set(metrics) & set(interpretation)
+    assert "macro_f1" in shared
+    for key in shared:
+        assert metrics[key] == pytest.approx(interpretation[key]), key
+    expected = classification_metrics(oof["labels"], oof["prob"], index.label_names)["macro_f1"]
+    assert interpretation["macro_f1"] == pytest.approx(expected)
+
+
+def test_interpret_macro_f1_is_the_metrics_module_one():
+    # the issue's case: interpret counted a class with no positives and no predictions as F1 = 1
+    labels = np.array([[1, 0], [0, 0], [1, 0]], float)
+    prob = np.array([[0.9, 0.1], [0.1, 0.1], [0.1, 0.1]])
+    from stages.interpret import macro_f1
+
+    m = classification_metrics(labels, prob, ["a", "b"])
+    assert m["classes_left_out"] == ["b"] and m["macro_f1"] == pytest.approx(2 / 3)
+    assert macro_f1(labels, prob, 0.5) == m["macro_f1"]

@@ -416,7 +416,7 @@ def test_cq500_majority_and_series_choice(tmp_path):
             "CQ500-CT-5": [{}, {}, {}],
         },
     )
-    index = build_scan_index(tmp_path, "cq500")
+    index = build_scan_index(tmp_path, "cq500", cq500_series="one")  # the one-series rule (default: all)
     assert index.label_names == CQ500_LABELS
     scans = {s.scan_id: s for s in index.scans}
     assert list(scans) == ["CQ500-CT-3", "CQ500-CT-12"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from pipeline.training.sampler import eval_positions, sample_positions, train_positions
+from pipeline.training.sampler import epoch_plan, eval_positions, n_phases, sample_positions, train_positions
 
 M = 8
 
@@ -67,3 +68,38 @@ def test_vectorised_batch_equals_row_by_row_and_seed_reproducible():
     a = train_positions(n, M, np.random.default_rng(7))
     b = train_positions(n, M, np.random.default_rng(7))
     np.testing.assert_array_equal(a, b)
+
+
+def test_every_disjoint_phase_of_a_long_scan_is_an_extra_training_sample():
+    """train_phases=all: a scan of n slices gives n // m disjoint samples per epoch, which
+    together use k * m distinct slices (the unused slices make new CT sets, paper VI.A.1)."""
+    n = np.array([5, 12, 16, 24, 61, 256])
+    which, phase = epoch_plan(n, M, np.random.default_rng(0), "all")
+    k = n_phases(n, M)
+    np.testing.assert_array_equal(k, [1, 1, 2, 3, 7, 32])
+    np.testing.assert_array_equal(np.bincount(which, minlength=len(n)), k)  # 46 samples, not 6
+    positions = sample_positions(n[which], M, phase)
+    for i, count in enumerate(n):
+        rows = positions[which == i]
+        assert (rows >= 0).all() and (rows <= count - 1).all()
+        assert (np.diff(rows, axis=1) >= 0).all()
+        if k[i] >= 2:  # disjoint subsets, each evenly spaced
+            assert len(set(rows.ravel().tolist())) == k[i] * M
+            assert all(set(np.diff(r)) <= {count // M, -(-count // M)} for r in rows)
+    # n = 24, m = 8: the three phases are exactly the three residues mod 3, in some jitter
+    rows = positions[which == 3]
+    assert sorted(sorted(set(r % 3)) for r in rows) == [[0], [1], [2]]
+
+
+def test_phases_are_jittered_across_epochs_and_one_mode_keeps_one_sample():
+    rng = np.random.default_rng(1)
+    n = np.array([61])
+    draws = {tuple(sample_positions(n[w], M, p)[0]) for w, p in (epoch_plan(n, M, rng, "all") for _ in range(20))}
+    assert len(draws) > 5
+    which, phase = epoch_plan(np.array([16, 61, 256]), M, np.random.default_rng(2), "one")
+    np.testing.assert_array_equal(which, [0, 1, 2])
+    ev = eval_positions(np.array([16, 61, 256]), M)
+    for e, t in zip(ev, sample_positions(np.array([16, 61, 256]), M, phase)):
+        assert not set(e.tolist()) & set(t.tolist())
+    with pytest.raises(ValueError, match="sampler.train_phases must be one of all, one"):
+        epoch_plan(n, M, rng, "every")

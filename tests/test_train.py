@@ -106,7 +106,7 @@ def test_drct1_run_and_evaluate_with_paired_ttest(run_dirs):
     result = runner.invoke(main, ["evaluate", str(run_dirs["drct2"]), "--compare", str(run_dirs["drct1"])])
     assert result.exit_code == 0, result.output
     metrics = json.loads((run_dirs["drct2"] / "metrics.json").read_text())
-    for key in ("macro_f1", "macro_precision", "macro_recall", "macro_auc", "macro_f1_std"):
+    for key in ("macro_f1", "macro_precision", "macro_recall", "macro_auc", "macro_f1_fold_mean", "macro_f1_fold_std"):
         assert key in metrics
     assert set(metrics["per_class"]) == set(NAMES)
     assert set(metrics["per_class"]["any"]) >= {"precision", "recall", "f1", "auc"}
@@ -149,7 +149,7 @@ def test_ablation_options_train_one_fold(cache_path, tmp_path, extra):
     if extra.get("model.aps_selection") == "random":
         model, _, _ = load_model(tmp_path / "fold_0" / "checkpoint.pt")
         data = CachedFeatures.from_cache(FeatureCache(cache_path), 224, 512)
-        scans = np.flatnonzero(oof["fold"] == 0)
+        scans = oof["cache_index"]  # the validation scans of fold 0, as cache rows
         a, b = predict_scans(model, data, scans, 8, 64), predict_scans(model, data, scans, 8, 64)
         np.testing.assert_array_equal(a["aps_idx"], b["aps_idx"])  # evaluation is repeatable
         np.testing.assert_array_equal(a["aps_idx"], oof["aps_idx"])

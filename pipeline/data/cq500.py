@@ -7,24 +7,37 @@ the patient folder; series are told apart by SeriesInstanceUID, not by folder), 
 Labels: for each of the nine `CQ500_LABELS` the majority of the three readers (>= 2 of 3;
 with blank reads, more than half of the readers who answered). ``name`` ``CQ500-CT-<n>`` matches
 the patient folder ``CQ500CT<n> CQ500CT<n>`` (or, for files outside such a folder, the
-PatientID). ``scan_id`` is the patient name: one scan per patient. Optional slice-level truth
-(phantom only): ``root/slice_labels.csv`` with ``SOPInstanceUID`` and the nine class columns.
+PatientID). Optional slice-level truth (phantom only): ``root/slice_labels.csv`` with
+``SOPInstanceUID`` and the nine class columns.
 
-**Series choice (one plain series per patient).** The reads describe the patient's study, and
-CQ500 studies hold several series (thin and thick plain, post-contrast, bone reconstructions,
-reformats). The rule, applied in order:
+**Cohort (paper Table 1: 1181 scans of 490 patients, 32-396 slices each).** The reads describe
+the patient's study, and CQ500 studies hold several series (thin and thick plain, post-contrast,
+bone reconstructions, reformats). Step 1 drops, for every patient: localizer images, series that
+are not axial (normal more than 60 deg from the z axis), post-contrast series (description says
+CONTRAST, C+ or POST, unless it says PRE/NON/NO/WITHOUT CONTRAST; or a ContrastBolusAgent is
+recorded), bone-kernel reconstructions (BONE in description or kernel), lung reconstructions and
+reformats (LUNG, MPR, MIP, SAG, COR, 3D, VOLUME). Then, by ``series``:
 
-1. drop localizer images, series that are not axial (normal more than 60 deg from the z axis),
-   post-contrast series (description says CONTRAST, C+ or POST, unless it says PRE/NON/NO/
-   WITHOUT CONTRAST; or a ContrastBolusAgent is recorded), bone/lung reconstructions (BONE or
-   LUNG in description or kernel) and reformats (MPR, MIP, SAG, COR, 3D, VOLUME);
-2. among the rest prefer "5 mm-ish" series (slice thickness 2.5-6 mm: SliceThickness, else the
-   median gap along the normal), which match the paper's slice counts and cost a fraction of a
-   thin series to extract; among those, or among all the rest when none is 5 mm-ish (the real
-   demo subset: thin series only), take the one with the most slices; ties -> the smallest
-   SeriesInstanceUID, so the choice is deterministic.
+* ``all`` (default, the paper's cohort): every remaining series is a scan, thin and thick. All
+  scans of a patient carry the patient's reads and its ``patient_id``, so the folds keep them
+  together. Scan ids: the series the ``one`` rule would choose is ``CQ500-CT-<n>`` (so a
+  ``one`` index is a subset of an ``all`` index with the same ids); the patient's other series
+  follow in the same preference order as ``CQ500-CT-<n>_s2``, ``_s3``, ...
+* ``one``: one series per patient: prefer "5 mm-ish" series (slice thickness 2.5-6 mm:
+  SliceThickness, else the median gap along the normal), which cost a fraction of a thin series
+  to extract; among those, or among all the rest when none is 5 mm-ish (the real demo subset:
+  thin series only), the one with the most slices; ties -> the smallest SeriesInstanceUID, so
+  the choice is deterministic. ``scan_id`` is the patient name.
 
-Every series not chosen gets one rejects row saying why.
+Bone-kernel series are left out by default (``bone=True`` keeps them): a bone reconstruction is
+the same acquisition as a plain series of the study, re-filtered with a sharp kernel, so it is
+not an independent scan; its reads are the study's, and it would enter the folds as a near
+duplicate of a plain scan. The bone window (one of the three input channels) already shows
+fractures on the plain series. A plain series is the one a brain-window reader (and the
+paper's Fig. 2) looks at.
+
+Every series left out gets one rejects row saying why. ``python -m pipeline.data.cq500 ROOT``
+prints the cohort's counts (scans, patients, slice range) without extracting anything.
 """
 
 from __future__ import annotations
@@ -59,7 +72,9 @@ MIN_AXIAL_COS = 0.5  # |normal . z| below this: not an axial series
 _NAME = re.compile(r"CQ500[\s_-]*CT[\s_-]*0*(\d+)", re.IGNORECASE)
 _CONTRAST = re.compile(r"CONTRAST|C\+|\bPOST\b")
 _NO_CONTRAST = re.compile(r"\b(PRE|NON|NO|WITHOUT|W/O)[\s_-]*CONTRAST")
-_RECON = re.compile(r"\bBONE\b|\bLUNG\b|\bMPR\b|\bMIP\b|\bSAG|\bCOR(ONAL)?\b|\b3D\b|\bVOLUME\b")
+_RECON = re.compile(r"\bLUNG\b|\bMPR\b|\bMIP\b|\bSAG|\bCOR(ONAL)?\b|\b3D\b|\bVOLUME\b")
+_BONE = re.compile(r"\bBONE\b")
+SERIES_RULES = ("all", "one")
 _NO_AGENT = {"", "NONE", "NO", "N/A", "NA"}
 
 
@@ -141,8 +156,8 @@ def _thickness(slices: list[SliceHeader]) -> float | None:
     return None
 
 
-def exclusion_reason(candidate: SeriesCandidate) -> str | None:
-    """Why a series can never be the plain scan (step 1 of the rule), or None."""
+def exclusion_reason(candidate: SeriesCandidate, bone: bool = False) -> str | None:
+    """Why a series is never a scan of the cohort (step 1 of the rule), or None."""
     if not candidate.slices:
         return "no usable slices"
     text = candidate.description
@@ -150,7 +165,9 @@ def exclusion_reason(candidate: SeriesCandidate) -> str | None:
     if (_CONTRAST.search(text) and not _NO_CONTRAST.search(text)) or agent not in _NO_AGENT:
         return "post-contrast series"
     kernel = candidate.slices[0].convolution_kernel.upper()
-    if _RECON.search(text) or "BONE" in kernel or "LUNG" in kernel:
+    if not bone and (_BONE.search(text) or "BONE" in kernel):
+        return "bone/lung reconstruction or reformat"
+    if _RECON.search(text) or "LUNG" in kernel:
         return "bone/lung reconstruction or reformat"
     normal = candidate.slices[0].normal
     if normal is not None and abs(normal[2]) < MIN_AXIAL_COS:
@@ -158,15 +175,21 @@ def exclusion_reason(candidate: SeriesCandidate) -> str | None:
     return None
 
 
-def choose_series(candidates: list[SeriesCandidate]) -> SeriesCandidate | None:
-    """Step 2 of the rule: 5 mm-ish first, then most slices, then smallest UID."""
-    usable = [c for c in candidates if c.excluded is None]
-    if not usable:
-        return None
+def _preference(candidate: SeriesCandidate) -> tuple:
     low, high = THICK_RANGE_MM
-    thick = [c for c in usable if c.thickness is not None and low <= c.thickness <= high]
-    pool = thick or usable
-    return min(pool, key=lambda c: (-len(c.slices), c.series_uid))
+    thick = candidate.thickness is not None and low <= candidate.thickness <= high
+    return (not thick, -len(candidate.slices), candidate.series_uid)
+
+
+def choose_series(candidates: list[SeriesCandidate]) -> SeriesCandidate | None:
+    """The ``one`` rule: 5 mm-ish first, then most slices, then smallest UID."""
+    ranked = rank_series(candidates)
+    return ranked[0] if ranked else None
+
+
+def rank_series(candidates: list[SeriesCandidate]) -> list[SeriesCandidate]:
+    """The usable series (step 1) in preference order: the first is the ``one`` rule's choice."""
+    return sorted((c for c in candidates if c.excluded is None), key=_preference)
 
 
 def _patient_order(name: str) -> tuple[int, str]:
@@ -183,8 +206,13 @@ def build_cq500_index(
     workers: int | None = None,
     processes: bool = False,
     progress: bool | None = None,
+    series: str = "all",
+    bone: bool = False,
 ) -> ScanIndex:
-    """Index a CQ500-layout folder (see module docstring for the labels and the series rule)."""
+    """Index a CQ500-layout folder (see module docstring for the labels and the series rule:
+    `series` "all" or "one", `bone` keeps bone-kernel series)."""
+    if series not in SERIES_RULES:
+        raise ValueError(f"CQ500 series rule {series!r}: expected one of {', '.join(SERIES_RULES)}")
     root = Path(root).resolve()
     labels_csv = resolve_label_file(root, labels_csv, scan_labels_csv, DEFAULT_LABELS, "CQ500 reads")
     index = ScanIndex(layout="cq500", root=str(root), label_names=list(CQ500_LABELS))
@@ -224,11 +252,12 @@ def build_cq500_index(
             local: list[Reject] = []
             ordered = order_series(members, name, local)
             candidate = SeriesCandidate(series_uid, ordered, local, _describe(members), _thickness(ordered))
-            candidate.excluded = exclusion_reason(candidate)
+            candidate.excluded = exclusion_reason(candidate, bone)
             candidates.append(candidate)
-        chosen = choose_series(candidates)
+        ranked = rank_series(candidates)
+        kept = ranked if series == "all" else ranked[:1]
         for candidate in candidates:
-            if candidate is not chosen:
+            if not any(candidate is k for k in kept):
                 reason = candidate.excluded or (
                     f"series not chosen: another plain series is preferred "
                     f"({len(candidate.slices)} slices, thickness {candidate.thickness})"
@@ -239,44 +268,42 @@ def build_cq500_index(
                         path=folder, scan_id=name, reason=f"series {candidate.series_uid} left out: {reason}"
                     )
                 )
-        if chosen is None:
+        if not kept:
             index.rejects.append(
                 Reject(path=str(root), scan_id=name, reason="no usable plain series for this patient")
             )
             continue
-        index.rejects.extend(chosen.rejects)
-        labels = table.get(name) if table_key == "patient_id" else None
-        if labels is None and table:
+        for number, chosen in enumerate(kept, start=1):
+            scan_id = name if number == 1 else f"{name}_s{number}"
             first = chosen.slices[0]
-            labels = table.get(
-                name
-                if table_key == "scan_id"
-                else first.series_uid
-                if table_key == "series_uid"
-                else first.study_uid
-            )
-        if labels is None:
-            labels = reads.get(name)
-        if labels is None:
-            index.rejects.append(
-                Reject(
-                    path=str(root),
-                    scan_id=name,
-                    reason=f"no row for {name} in {labels_csv or scan_labels_csv}",
+            labels = table.get(name) if table_key == "patient_id" else None
+            if labels is None and table:
+                if table_key == "scan_id":
+                    labels = table.get(scan_id, table.get(name))
+                else:
+                    labels = table.get(first.series_uid if table_key == "series_uid" else first.study_uid)
+            if labels is None:
+                labels = reads.get(name)
+            if labels is None:
+                index.rejects.append(
+                    Reject(
+                        path=str(root),
+                        scan_id=scan_id,
+                        reason=f"no row for {name} in {labels_csv or scan_labels_csv}",
+                    )
+                )
+                continue
+            index.rejects.extend(chosen.rejects)
+            index.scans.append(
+                ScanRecord(
+                    scan_id=scan_id,
+                    patient_id=name,
+                    slices=slice_refs(chosen.slices, label_of),
+                    labels=list(labels),
+                    series_uid=chosen.series_uid,
+                    study_uid=first.study_uid,
                 )
             )
-            continue
-        first = chosen.slices[0]
-        index.scans.append(
-            ScanRecord(
-                scan_id=name,
-                patient_id=name,
-                slices=slice_refs(chosen.slices, label_of),
-                labels=list(labels),
-                series_uid=chosen.series_uid,
-                study_uid=first.study_uid,
-            )
-        )
     indexed = {scan.scan_id for scan in index.scans}
     for name in sorted(set(reads) - set(by_patient)):
         if name not in indexed:
@@ -284,3 +311,41 @@ def build_cq500_index(
                 Reject(path=str(labels_csv), scan_id=name, reason="in reads.csv but no DICOM series found")
             )
     return index
+
+
+def cohort_summary(index: ScanIndex) -> dict:
+    """Counts to compare with the paper's Table 1 (1181 scans, 490 patients, 32-396 slices)."""
+    lengths = [len(scan.slices) for scan in index.scans]
+    return {
+        "scans": len(index.scans),
+        "patients": len({scan.patient_id for scan in index.scans}),
+        "min_slices": min(lengths, default=0),
+        "max_slices": max(lengths, default=0),
+        "slices": sum(lengths),
+        "series_left_out": sum(1 for r in index.rejects if "left out" in r.reason),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.data.cq500 ROOT [--series all|one] [--bone]``: the cohort's counts."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.data.cq500", description=main.__doc__)
+    parser.add_argument("root", type=Path, help="the unzipped CQ500 tree (with reads.csv)")
+    parser.add_argument("--labels", default=None, help="reads.csv (default: ROOT/reads.csv)")
+    parser.add_argument("--series", choices=SERIES_RULES, default="all")
+    parser.add_argument("--bone", action="store_true", help="keep bone-kernel series")
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.error(f"{args.root} is not a folder")
+    try:
+        index = build_cq500_index(args.root, args.labels, series=args.series, bone=args.bone, progress=False)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    print(json.dumps(cohort_summary(index)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -394,6 +394,8 @@ def build_scan_index(
     workers: int | None = None,
     processes: bool = False,
     progress: bool | None = None,
+    cq500_series: str = "all",
+    cq500_bone: bool = False,
 ) -> ScanIndex:
     """Index a DICOM tree: one `ScanRecord` per scan (slices in z order, labels), plus rejects.
 
@@ -401,6 +403,7 @@ def build_scan_index(
     root/reads.csv) or ``folder`` (one scan per SeriesInstanceUID, no labels). A missing label
     file for rsna/cq500 is an error with the path in the message. `scan_labels_csv` (rsna and
     cq500): a scan-level label table (see `read_scan_labels_csv`) that gives or overrides scan labels.
+    `cq500_series` (all | one) and `cq500_bone`: the CQ500 cohort rule (pipeline/data/cq500.py).
     """
     root = Path(root).resolve()
     if layout not in LAYOUTS:
@@ -415,7 +418,8 @@ def build_scan_index(
     elif layout == "cq500":
         from pipeline.data.cq500 import build_cq500_index
 
-        index = build_cq500_index(root, labels_csv, scan_labels_csv=scan_labels_csv, **options)
+        index = build_cq500_index(root, labels_csv, scan_labels_csv=scan_labels_csv, series=cq500_series,
+                                  bone=cq500_bone, **options)
     else:
         from pipeline.data.folder import build_folder_index
 

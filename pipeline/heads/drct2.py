@@ -32,21 +32,40 @@ SELECTIONS = ("attention", "random")
 
 
 def select_slices(
-    slice_attention: torch.Tensor, m_key: int, mode: str = "attention", generator: torch.Generator | None = None
+    slice_attention: torch.Tensor,
+    m_key: int,
+    mode: str = "attention",
+    generator: torch.Generator | None = None,
+    repeated: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, m) attention -> (B, m_key) int64 positions in increasing (z) order.
 
     "attention": the m_key largest weights (paper V.B); "random": a uniform random subset
     (paper Fig. 6), drawn from `generator` when given so that evaluation can be repeatable.
+    `repeated` (B, m) bool marks positions that show the same slice as an earlier position (a
+    scan shorter than m repeats slices): they rank after every other position, so one slice is
+    never zoomed in on twice while the scan has m_key distinct slices to choose from.
     """
     if mode == "attention":
-        chosen = torch.topk(slice_attention.detach(), m_key, dim=1).indices
+        score = slice_attention.detach()
     elif mode == "random":
-        noise = torch.rand(slice_attention.shape, generator=generator, device="cpu").to(slice_attention.device)
-        chosen = torch.topk(noise, m_key, dim=1).indices
+        score = torch.rand(slice_attention.shape, generator=generator, device="cpu").to(slice_attention.device)
     else:
         raise ValueError(f"unknown APS selection '{mode}'; choose from {SELECTIONS}")
+    if repeated is not None:
+        span = (score.max() - score.min()).clamp_min(1.0) + 1.0
+        score = score - span * repeated.to(score.dtype)
+    chosen = torch.topk(score, m_key, dim=1).indices
     return torch.sort(chosen, dim=1).values
+
+
+def repeated_positions(z: torch.Tensor) -> torch.Tensor:
+    """(B, m, D) sampled vectors -> (B, m) bool: position i shows the same vector as i - 1.
+    Sampled positions are in z order, so a repeated slice of a short scan is always adjacent to
+    its first occurrence; equal vectors are the same cache row (or identical images)."""
+    repeated = torch.zeros(z.shape[:2], dtype=torch.bool, device=z.device)
+    repeated[:, 1:] = (z[:, 1:] == z[:, :-1]).all(dim=-1)
+    return repeated
 
 
 def gather_aps(aps_source: ApsSource, aps_idx: torch.Tensor) -> torch.Tensor:
@@ -108,7 +127,8 @@ class DrCT(nn.Module):
             return out
         if aps_source is None:
             raise ValueError("DrCT2 needs the APS-resolution features (aps_source)")
-        aps_idx = select_slices(p["slice_attention"], self.aps.m_key, self.selection, self.generator)
+        aps_idx = select_slices(p["slice_attention"], self.aps.m_key, self.selection, self.generator,
+                                repeated_positions(z))
         a = self.aps(gather_aps(aps_source, aps_idx))
         logits = self.fusion(p, a, aps_idx)
         out.update(

@@ -15,6 +15,7 @@ epochs; choosing the best epoch on the validation fold would bias the out-of-fol
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +32,9 @@ from pipeline.heads.drct2 import DrCT
 from pipeline.metrics import classification_metrics
 from pipeline.training.checkpoint import save_checkpoint
 from pipeline.training.dataset import CachedFeatures
-from pipeline.training.folds import assign_folds
+from pipeline.training.folds import assign_folds, patients_split_across_folds, read_folds_file
 from pipeline.training.losses import DrCTLoss
-from pipeline.training.sampler import eval_positions, train_positions
+from pipeline.training.sampler import TRAIN_PHASES, epoch_plan, eval_positions, sample_positions
 
 
 class TrainingError(ValueError):
@@ -72,6 +73,38 @@ def resolutions(config: dict, cache: FeatureCache) -> dict[str, int]:
     return {"primary": int(res[0]), "aps": int(res[-1] if which == "last" else res[0])}
 
 
+def deterministic_mode(enabled: bool) -> Callable[[], None]:
+    """Make training repeatable bit for bit (``train.deterministic``); returns a function that
+    restores the previous global settings.
+
+    CPU: the seeds alone already give identical runs (tested). CUDA: cuDNN picks kernels by
+    benchmark and several CUDA kernels (atomics in backward passes, cuBLAS split-K workspaces)
+    are not bitwise repeatable, so this sets ``torch.use_deterministic_algorithms(True,
+    warn_only=True)`` (an op without a deterministic kernel warns, naming itself, instead of
+    failing the run), ``cudnn.deterministic = True``, ``cudnn.benchmark = False`` and
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS reads it when it creates its handle: export it
+    in the shell to be sure it is set before any CUDA work in the process). Cost: slower CUDA
+    kernels (deterministic cuDNN RNN/cuBLAS paths) and ~4 MiB of cuBLAS workspace per stream;
+    not measured here (no GPU on the development machine; see README "Determinism")."""
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+    def restore() -> None:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
+
+    return restore
+
+
 def optimizer_for(model: DrCT, config: dict) -> torch.optim.Optimizer:
     t = config["train"]
     groups = model.parameter_groups(float(t["lr_primary"]), float(t["lr_aps"]), float(t["lr_fusion"]))
@@ -89,19 +122,30 @@ def train_epoch(
     rng: np.random.Generator,
     augment: bool = True,
     bar: tqdm | None = None,
+    train_phases: str = "all",
 ) -> dict[str, float]:
-    """One pass over `scans` in a random order; returns mean losses and timings."""
+    """One pass over the epoch's samples of `scans` (`sampler.epoch_plan`: with
+    train_phases="all" every disjoint phase of a long scan is a sample) in a random order;
+    returns mean losses, the number of samples and timings."""
     model.train()
-    order = rng.permutation(scans)
+    if augment:
+        which, phase = epoch_plan(data.n_slices[scans], m, rng, train_phases)
+    else:
+        which, phase = np.arange(len(scans)), None
+    order = rng.permutation(len(which))
+    if bar is not None:
+        bar.total = len(order)
+        bar.refresh()
     totals: dict[str, float] = {}
     n_seen = 0
     data_seconds = 0.0
     start = time.perf_counter()
     for first in range(0, len(order), batch_size):
         t0 = time.perf_counter()
-        chunk = order[first : first + batch_size]
+        pick = order[first : first + batch_size]
+        chunk = scans[which[pick]]
         n = data.n_slices[chunk]
-        positions = train_positions(n, m, rng) if augment else eval_positions(n, m)
+        positions = sample_positions(n, m, phase[pick]) if augment else eval_positions(n, m)
         batch = data.batch(chunk, positions)
         getter = data.aps_getter(batch.rows)
         data_seconds += time.perf_counter() - t0
@@ -119,6 +163,7 @@ def train_epoch(
             bar.update(weight)
             bar.set_postfix(loss=f"{totals['loss'] / n_seen:.4f}", refresh=False)
     result = {key: value / max(n_seen, 1) for key, value in totals.items()}
+    result["samples"] = n_seen
     result["seconds"] = time.perf_counter() - start
     result["data_seconds"] = data_seconds
     return result
@@ -189,7 +234,15 @@ def run_training(
     labelled = data.labelled
     if len(labelled) == 0:
         raise TrainingError(f"cache {cache.path} has no scan with known labels")
-    fold_of = assign_folds(data.patient_id[labelled], data.labels[labelled], k, seed)
+    folds_file = t.get("folds_file")
+    if folds_file:
+        fold_of = read_folds_file(folds_file, data.scan_id[labelled], data.patient_id[labelled], k)
+        split = patients_split_across_folds(data.patient_id[labelled], fold_of)
+        if split:
+            log(f"warning: train.folds_file puts scans of {len(split)} patient(s) in more than one fold "
+                f"(e.g. {', '.join(split[:3])}): their validation scans have siblings in training")
+    else:
+        fold_of = assign_folds(data.patient_id[labelled], data.labels[labelled], k, seed)
     folds_run = list(range(k)) if t.get("fold") is None else [int(t["fold"])]
     if any(not 0 <= f < k for f in folds_run):
         raise TrainingError(f"train.fold = {t['fold']} is not in 0..{k - 1}")
@@ -210,6 +263,8 @@ def run_training(
         "m": m,
         "m_key": int(config["model"]["m_key"]),
         "n_scans": len(labelled),
+        "folds_file": str(folds_file) if folds_file else None,
+        "deterministic": bool(t.get("deterministic", True)),
     }
     loss_fn = DrCTLoss(str(t["loss"]))
     batch_size = int(t["batch_size"])
@@ -218,6 +273,12 @@ def run_training(
     if epochs < 1:
         raise TrainingError(f"train.epochs must be at least 1, got {epochs}")
     augment = bool(config["sampler"].get("augment", True))
+    threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))  # for val_macro_f1 only
+    train_phases = str(config["sampler"].get("train_phases", "all"))
+    if train_phases not in TRAIN_PHASES:
+        raise TrainingError(f"sampler.train_phases must be one of {', '.join(TRAIN_PHASES)}, not '{train_phases}'")
+    run_info["train_phases"] = train_phases
+    restore_determinism = deterministic_mode(run_info["deterministic"])  # restored after the folds
     all_scans, all_folds, all_preds = [], [], []
     for fold in folds_run:
         torch.manual_seed(seed * 1000 + fold)
@@ -239,9 +300,10 @@ def run_training(
                 leave=False,
                 disable=not progress,
             )
-            stats = train_epoch(model, data, train_scans, m, batch_size, optimizer, loss_fn, rng, augment, bar)
+            stats = train_epoch(model, data, train_scans, m, batch_size, optimizer, loss_fn, rng, augment, bar,
+                                train_phases)
             preds = predict_scans(model, data, val_scans, m, eval_batch, seed)
-            val_f1 = classification_metrics(data.labels[val_scans], preds["prob"], names)["macro_f1"]
+            val_f1 = classification_metrics(data.labels[val_scans], preds["prob"], names, threshold)["macro_f1"]
             bar.set_postfix(loss=f"{stats['loss']:.4f}", val_macro_f1=f"{val_f1:.4f}")
             bar.close()
             history.append({"epoch": epoch, **stats, "val_macro_f1": val_f1})
@@ -257,6 +319,7 @@ def run_training(
     order = np.argsort(scans, kind="stable")
     merged = {key: np.concatenate([p[key] for p in all_preds])[order] for key in all_preds[0]}
     write_oof(out / "oof.npz", data, scans[order], np.concatenate(all_folds)[order], merged)
+    restore_determinism()
     (out / "run.json").write_text(json.dumps(run_info, indent=1))
     cache.close()
     return run_info
