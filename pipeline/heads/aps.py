@@ -8,7 +8,8 @@ layers. The m_key slices keep their z order so the BiGRU sees a (sparser) anatom
 
 Shapes::
 
-    F (B, k=m_key, D=512) --BatchNorm1d(D)--> --Linear(D, aps_fc) + ReLU--> (B, k, aps_fc)
+    F (B, k=m_key, D=512) --FeatureStandardizer (as the primary's, centred on all m slices)-->
+      --BatchNorm1d(D)--> --Linear(D, aps_fc) + ReLU--> (B, k, aps_fc)
       --DependenciesLearning--> matrix (B, k, H_a = 2*aps_gru_hidden)
       --readout--> pooled (B, H_a) (mean of the rows: APS has no slice attention) or (B, k*H_a)
       --3 FC--> logits (B, C)
@@ -23,6 +24,7 @@ from torch import nn
 
 from pipeline.heads.classifier import make_classifier
 from pipeline.heads.dependencies import DependenciesLearning
+from pipeline.heads.input_norm import NORMS, FeatureStandardizer
 
 
 class APSNetwork(nn.Module):
@@ -39,9 +41,14 @@ class APSNetwork(nn.Module):
         dropout: float = 0.5,
         readout_mode: str = "sum",
         activation: str = "tanh",
+        input_norm: str = "none",
     ):
         super().__init__()
+        if input_norm not in NORMS:
+            raise ValueError(f"unknown model.input_norm '{input_norm}'; choose from {NORMS}")
         self.m_key = m_key
+        centre = "scan" if input_norm == "scan" else "dataset"
+        self.standardize = FeatureStandardizer(feature_dim, centre) if input_norm != "none" else None
         self.readout_mode = readout_mode
         self.norm = nn.BatchNorm1d(feature_dim)
         self.fc = nn.Sequential(nn.Linear(feature_dim, fc_dim), nn.ReLU(inplace=True))
@@ -50,7 +57,10 @@ class APSNetwork(nn.Module):
         pooled_dim = self.out_dim if readout_mode == "sum" else m_key * self.out_dim
         self.classifier = make_classifier(pooled_dim, fc_hidden, n_classes, dropout)
 
-    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, features: torch.Tensor, context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`context`: the APS-resolution vectors of all m sampled slices (the scan centre)."""
+        if self.standardize is not None:
+            features = self.standardize(features, context)
         b, k, d = features.shape
         h = self.norm(features.reshape(b * k, d)).reshape(b, k, d)
         matrix = self.dependencies(self.fc(h))

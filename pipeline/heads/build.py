@@ -39,9 +39,9 @@ def build_model(config: dict, n_classes: int) -> DrCT:
         fc_hidden=fc_hidden,
         dropout=dropout,
         readout_mode=readout_mode,
-        learnable_feature_attention=str(mc.get("feature_attention", "softmax")) == "learnable",
+        feature_attention=str(mc.get("feature_attention", "learnable")),
         activation=activation,
-        input_norm=str(mc.get("input_norm", "standardize")),
+        input_norm=str(mc.get("input_norm", "scan")),
         attention_rescale=str(mc.get("feature_attention_scale", "dim")) == "dim",
     )
     if name == "drct1":
@@ -59,6 +59,7 @@ def build_model(config: dict, n_classes: int) -> DrCT:
         dropout=dropout,
         readout_mode=readout_mode,
         activation=activation,
+        input_norm=str(mc.get("input_norm", "scan")),
     )
     primary_dim = primary.out_dim
     aps_dim = aps.out_dim

@@ -129,7 +129,11 @@ class DrCT(nn.Module):
             raise ValueError("DrCT2 needs the APS-resolution features (aps_source)")
         aps_idx = select_slices(p["slice_attention"], self.aps.m_key, self.selection, self.generator,
                                 repeated_positions(z))
-        a = self.aps(gather_aps(aps_source, aps_idx))
+        context = None
+        if self.aps.standardize is not None and self.aps.standardize.centre == "scan":
+            every = torch.arange(z.shape[1], device=z.device).expand(z.shape[0], -1)
+            context = gather_aps(aps_source, every)
+        a = self.aps(gather_aps(aps_source, aps_idx), context)
         logits = self.fusion(p, a, aps_idx)
         out.update(
             logits=logits,

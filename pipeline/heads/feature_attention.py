@@ -13,7 +13,7 @@ uniform attention leaves z unchanged: x = D * z * w. A constant factor is absorb
 BiGRU's input weights in exact arithmetic, so this is eq. 3 with a better starting point;
 ``one`` keeps the literal form.
 
-A learnable variant (``learnable=True``, config ``model.feature_attention: learnable``) scores
+A learnable variant (``mode='learnable'``, config ``model.feature_attention: learnable``) scores
 each value with a linear map before the softmax, w = softmax(W z + b); it is not in the paper.
 """
 
@@ -23,15 +23,26 @@ import torch
 from torch import nn
 
 
-class FeatureAttention(nn.Module):
-    """(B, m, D) slice vectors -> (x, w), both (B, m, D); w sums to 1 over D for every slice."""
+MODES = ("softmax", "learnable", "none")
 
-    def __init__(self, feature_dim: int = 512, learnable: bool = False, rescale: bool = True):
+
+class FeatureAttention(nn.Module):
+    """(B, m, D) slice vectors -> (x, w), both (B, m, D); w sums to 1 over D for every slice.
+
+    ``mode="none"`` is the ablation without feature attention: w = 1/D, so x = z (rescaled).
+    """
+
+    def __init__(self, feature_dim: int = 512, mode: str = "softmax", rescale: bool = True):
         super().__init__()
-        self.score = nn.Linear(feature_dim, feature_dim) if learnable else None
+        if mode not in MODES:
+            raise ValueError(f"unknown model.feature_attention '{mode}'; choose from {MODES}")
+        self.mode = mode
+        self.score = nn.Linear(feature_dim, feature_dim) if mode == "learnable" else None
         self.scale = float(feature_dim) if rescale else 1.0
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = z if self.score is None else self.score(z)
-        w = torch.softmax(scores, dim=-1)
+        if self.mode == "none":
+            w = torch.full_like(z, 1.0 / z.shape[-1])
+        else:
+            w = torch.softmax(z if self.score is None else self.score(z), dim=-1)
         return z * w * self.scale, w

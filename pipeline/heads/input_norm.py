@@ -45,6 +45,11 @@ class FeatureStandardizer(nn.Module):
         self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.sd.copy_(torch.as_tensor(sd, dtype=torch.float32).clamp_min(min_sd))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        centre = z.median(dim=1, keepdim=True).values if self.centre == "scan" else self.mean
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """`context` (B, m', D): the slices whose median is the scan's centre (default: z itself;
+        the APS passes all m sampled slices, since the m_key chosen ones are mostly lesion)."""
+        if self.centre == "scan":
+            centre = (z if context is None else context).median(dim=1, keepdim=True).values
+        else:
+            centre = self.mean
         return (z - centre) / self.sd

@@ -49,7 +49,7 @@ class PrimaryNetwork(nn.Module):
         fc_hidden: Sequence[int] = (256, 128),
         dropout: float = 0.5,
         readout_mode: str = "sum",
-        learnable_feature_attention: bool = False,
+        feature_attention: str = "softmax",
         activation: str = "tanh",
         input_norm: str = "standardize",
         attention_rescale: bool = True,
@@ -63,7 +63,7 @@ class PrimaryNetwork(nn.Module):
             raise ValueError(f"unknown model.input_norm '{input_norm}'; choose from {NORMS}")
         centre = "scan" if input_norm == "scan" else "dataset"
         self.standardize = FeatureStandardizer(feature_dim, centre) if input_norm != "none" else None
-        self.feature_attention = FeatureAttention(feature_dim, learnable_feature_attention, attention_rescale)
+        self.feature_attention = FeatureAttention(feature_dim, feature_attention, attention_rescale)
         self.dependencies = DependenciesLearning(feature_dim, gru_hidden, activation)
         self.out_dim = self.dependencies.out_dim
         self.slice_attention = SliceAttention(self.out_dim)

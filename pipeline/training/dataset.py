@@ -69,17 +69,20 @@ class CachedFeatures:
         """Scan numbers whose every label is known (folder-layout scans have NaN labels)."""
         return np.flatnonzero(~np.isnan(self.labels).any(axis=1)) if self.labels.size else np.arange(0)
 
-    def channel_statistics(self, scans: np.ndarray, block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and sd (D,) of every primary-resolution slice of `scans`, summed in
-        float64 blocks (an RSNA-size cache never becomes one float32 copy)."""
+    def channel_statistics(
+        self, scans: np.ndarray, resolution: str = "primary", block: int = 65536
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and sd (D,) of every slice of `scans` at the primary or APS resolution,
+        summed in float64 blocks (an RSNA-size cache never becomes one float32 copy)."""
+        features = self.primary_features if resolution == "primary" else self.aps_features
         scans = np.asarray(scans, np.int64)
         rows = np.concatenate([np.arange(o, o + n) for o, n in zip(self.offset[scans], self.n_slices[scans])]) \
             if len(scans) else np.zeros(0, np.int64)
-        dim = self.primary_features.shape[1]
+        dim = features.shape[1]
         total = torch.zeros(dim, dtype=torch.float64, device=self.device)
         squares = torch.zeros(dim, dtype=torch.float64, device=self.device)
         for start in range(0, len(rows), block):
-            chunk = self.primary_features[torch.from_numpy(rows[start : start + block]).to(self.device)].double()
+            chunk = features[torch.from_numpy(rows[start : start + block]).to(self.device)].double()
             total += chunk.sum(dim=0)
             squares += (chunk * chunk).sum(dim=0)
         n = max(len(rows), 1)

@@ -11,9 +11,11 @@ What makes them hard, each on purpose:
 * **Lesions are local**: a positive (scan, subtype) raises its subtype's channels on one
   contiguous run of 10-30 % of the slices (``lesion_fraction``), relative to the scan's own
   level; the remaining 70-90 % of the slices carry no trace of it.
-* **Zoom-in subtypes**: "small" subtypes are faint at the primary resolution (``faint``
-  x their APS strength) and clear only at the APS resolution, as a small bleed is on a 224 px
-  slice against a 512 px one; "large" subtypes are clear at both.
+* **Zoom-in subtypes**: at the primary resolution a "small" lesion shows only as a generic
+  abnormality (channels shared by every small subtype) plus a faint trace (``faint`` x its APS
+  strength) of its own channels; its own channels are clear only at the APS resolution. So the
+  primary network can find *where* it is, but only the zoom tells *which* subtype it is, as a
+  small bleed on a 224 px slice against a 512 px one. "Large" subtypes are clear at both.
 * **'any' is the OR** of the subtypes (RSNA's convention), so slice and scan labels agree.
 
 Slice vectors imitate max-pooled VGG16 features: non-negative, a log-normal per-channel scale.
@@ -44,9 +46,9 @@ class PlantedSpec:
     prevalence: float = 0.3                   # per subtype
     lesion_fraction: tuple[float, float] = (0.10, 0.30)
     channels_per_class: int = 16
-    strength: float = 2.5                     # lesion rise in units of the channel's noise sd, APS resolution
-    faint: float = 0.25                       # primary-resolution strength of "aps" subtypes, relative
-    anatomy_sd: float = 0.35                  # log-sd of the per-scan channel gain
+    strength: float = 5.0                     # lesion rise in units of the channel's noise sd, APS resolution
+    faint: float = 0.2                        # primary-resolution strength of "aps" subtypes, relative
+    anatomy_sd: float = 0.7                   # log-sd of the per-scan channel gain
     trend: float = 0.6                        # amplitude of the smooth z trend (relative to the level)
     seed: int = 0
 
@@ -73,7 +75,9 @@ def planted_features(spec: PlantedSpec, resolutions: tuple[int, int] = (224, 512
 
     level = rng.lognormal(0.0, 0.5, FEATURE_DIM).astype(np.float32)      # channel level
     noise_sd = (0.5 * level).astype(np.float32)                           # channel noise
-    channels = rng.permutation(FEATURE_DIM)[: spec.channels_per_class * n_sub].reshape(n_sub, -1)
+    order = rng.permutation(FEATURE_DIM)
+    channels = order[: spec.channels_per_class * n_sub].reshape(n_sub, -1)
+    shared = order[spec.channels_per_class * n_sub : spec.channels_per_class * (n_sub + 1)]  # "something is here"
     trend_freq = rng.uniform(0.5, 2.0, FEATURE_DIM).astype(np.float32)
     trend_phase = rng.uniform(0, 2 * np.pi, FEATURE_DIM).astype(np.float32)
 
@@ -98,8 +102,12 @@ def planted_features(spec: PlantedSpec, resolutions: tuple[int, int] = (224, 512
         profile = np.sin(np.pi * (np.arange(length) + 0.5) / length) ** 0.5
         bump = profile[:, None] * spec.strength * rng.uniform(0.7, 1.3, len(channels[c]))[None, :]
         rise[np.ix_(rows, channels[c])] += bump
-        relative = spec.faint if spec.subtypes[names[c]] == "aps" else 1.0
-        faint_rise[np.ix_(rows, channels[c])] += bump * relative
+        if spec.subtypes[names[c]] == "aps":
+            faint_rise[np.ix_(rows, channels[c])] += bump * spec.faint
+            faint_rise[np.ix_(rows, shared)] += bump
+            rise[np.ix_(rows, shared)] += bump
+        else:
+            faint_rise[np.ix_(rows, channels[c])] += bump
 
     features = {}
     for number, res in enumerate(resolutions):
@@ -126,7 +134,8 @@ def planted_features(spec: PlantedSpec, resolutions: tuple[int, int] = (224, 512
         "paths": [f"planted/{i}.dcm" for i in range(total)],
         "slice_labels": slice_labels,
         "features": features,
-        "truth": {"runs": runs, "channels": {names[c]: channels[c].tolist() for c in range(n_sub)}},
+        "truth": {"runs": runs, "channels": {names[c]: channels[c].tolist() for c in range(n_sub)},
+                  "shared_channels": shared.tolist()},
     }
 
 

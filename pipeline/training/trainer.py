@@ -105,6 +105,14 @@ def deterministic_mode(enabled: bool) -> Callable[[], None]:
     return restore
 
 
+def set_input_statistics(model: DrCT, data: CachedFeatures, train_scans: np.ndarray) -> None:
+    """The input standardisers' channel sd (and mean) from this fold's training scans only."""
+    if model.primary.standardize is not None:
+        model.primary.standardize.set_statistics(*data.channel_statistics(train_scans, "primary"))
+    if model.aps is not None and model.aps.standardize is not None:
+        model.aps.standardize.set_statistics(*data.channel_statistics(train_scans, "aps"))
+
+
 def optimizer_for(model: DrCT, config: dict) -> torch.optim.Optimizer:
     t = config["train"]
     groups = model.parameter_groups(float(t["lr_primary"]), float(t["lr_aps"]), float(t["lr_fusion"]))
@@ -286,8 +294,7 @@ def run_training(
         train_scans = labelled[fold_of != fold]
         val_scans = labelled[fold_of == fold]
         model = build_model(config, len(names))
-        if model.primary.standardize is not None:  # this fold's training scans only
-            model.primary.standardize.set_statistics(*data.channel_statistics(train_scans))
+        set_input_statistics(model, data, train_scans)
         model = model.to(device)
         optimizer = optimizer_for(model, config)
         history = []
