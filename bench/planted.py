@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cpu_flags() -> str:
     try:
-        flags = set(open("/proc/cpuinfo").read().split())
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return platform.processor()
     return ",".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)

@@ -92,7 +92,7 @@ def planted_features(spec: PlantedSpec, resolutions: tuple[int, int] = (224, 512
     faint_rise = np.zeros((total, FEATURE_DIM), np.float32)
     for s, c in zip(*np.nonzero(sub_labels)):
         n = int(n_slices[s])
-        length = max(1, int(round(n * rng.uniform(*spec.lesion_fraction))))
+        length = max(1, round(n * rng.uniform(*spec.lesion_fraction)))
         first = int(rng.integers(0, n - length + 1))
         rows = np.arange(offset[s] + first, offset[s] + first + length)
         slice_labels[rows, 1 + c] = 1
