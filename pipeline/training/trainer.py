@@ -167,8 +167,12 @@ def run_training(
     out_dir: str | Path,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    on_epoch: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
-    """Cross-validated training as configured; writes and returns run.json's content."""
+    """Cross-validated training as configured; writes and returns run.json's content.
+
+    `on_epoch(fold, epoch, record)` is called after each epoch with the history record (losses,
+    val_macro_f1, val_macro_auc): the hook the dvclive logger (pipeline/training/live.py) uses."""
     t = config["train"]
     if t.get("threads"):
         torch.set_num_threads(int(t["threads"]))
@@ -237,10 +241,13 @@ def run_training(
             )
             stats = train_epoch(model, data, train_scans, m, batch_size, optimizer, loss_fn, rng, augment, bar)
             preds = predict_scans(model, data, val_scans, m, eval_batch, seed)
-            val_f1 = classification_metrics(data.labels[val_scans], preds["prob"], names)["macro_f1"]
+            val = classification_metrics(data.labels[val_scans], preds["prob"], names)
+            val_f1 = val["macro_f1"]
             bar.set_postfix(loss=f"{stats['loss']:.4f}", val_macro_f1=f"{val_f1:.4f}")
             bar.close()
-            history.append({"epoch": epoch, **stats, "val_macro_f1": val_f1})
+            history.append({"epoch": epoch, **stats, "val_macro_f1": val_f1, "val_macro_auc": val["macro_auc"]})
+            if on_epoch is not None:
+                on_epoch(fold, epoch, history[-1])
         fold_dir = out / f"fold_{fold}"
         save_checkpoint(fold_dir / "checkpoint.pt", model, config, cache.provenance, names, fold)
         (fold_dir / "history.json").write_text(json.dumps(history, indent=1))
