@@ -147,60 +147,72 @@ def render_html(report: ScanReport) -> str:
     )
 
 
+def _montage(images: list[np.ndarray], gap: int = 2) -> np.ndarray:
+    """(H, W, 3) uint8 images of one height side by side with white gaps (one axes draws them all:
+    a subplot per image costs matplotlib ~60 ms each)."""
+    spacer = np.full((images[0].shape[0], gap, 3), 255, np.uint8)
+    parts = []
+    for k, image in enumerate(images):
+        parts += [spacer, image] if k else [image]
+    return np.concatenate(parts, axis=1)
+
+
+def _grey_rgb(image: np.ndarray) -> np.ndarray:
+    return np.repeat(np.round(np.clip(np.asarray(image, np.float32), 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
+
+
 def render_png(report: ScanReport, path: str | Path, dpi: int = 100) -> Path:
     """A Figure-2-like PNG: thumbnail strip, attention bars (axis in mm where known), the top-k
     slices each beside its activation map with a colour bar, the model's calls."""
+    from matplotlib.patches import Rectangle
+
     path = Path(path)
-    m = max(1, len(report.attention))
-    n_top = max(1, len(report.top))
-    fig = plt.figure(figsize=(max(13, 0.42 * m), 10.2))
-    grid = GridSpec(5, m, figure=fig, height_ratios=[0.45, 1.0, 1.3, 3.4, 1.1], hspace=0.45, wspace=0.05)
+    m = len(report.attention)
+    fig = plt.figure(figsize=(14, 8.6))
+    grid = GridSpec(5, 2, figure=fig, height_ratios=[0.45, 1.0, 1.3, 3.4, 1.1], width_ratios=[1, 0.015],
+                    hspace=0.5, wspace=0.03)
     top_positions = {t.position for t in report.top}
-    banner = fig.add_subplot(grid[0, :])
+    banner = fig.add_subplot(grid[0, 0])
     banner.axis("off")
     if report.banner:
         banner.text(0.5, 0.5, report.banner, ha="center", va="center", fontsize=9, wrap=True, color="#5c4000",
                     bbox={"facecolor": "#fff3cd", "edgecolor": "#c98a00"}, transform=banner.transAxes)
-    for j in range(len(report.attention)):
-        ax = fig.add_subplot(grid[1, j])
-        ax.imshow(report.thumbnails[j], cmap="gray", vmin=0, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_color("#d62728" if j in top_positions else "#cccccc")
-            spine.set_linewidth(2 if j in top_positions else 0.5)
-    ax = fig.add_subplot(grid[2, :])
-    colours = ["#d62728" if j in top_positions else "#7a9cc6" for j in range(len(report.attention))]
-    positions = np.arange(1, len(report.attention) + 1)
-    ax.bar(positions, report.attention, color=colours, width=0.85)
-    ax.axhline(1.0 / m, color="#333", linestyle="--", linewidth=0.8, label=f"uniform 1/{m}")
-    ax.set_xlim(0.5, len(report.attention) + 0.5)
-    ax.set_xticks(positions)
-    if report.z_mm is not None:
-        ax.set_xticklabels([f"{j}\n{z:.0f}" for j, z in zip(positions, report.z_mm)])
-        ax.set_xlabel("sampled slice position / z in mm from the first slice", fontsize=8)
-    else:
-        ax.set_xlabel("sampled slice position", fontsize=8)
-    ax.set_ylabel("slice attention", fontsize=8)
-    ax.legend(fontsize=7, loc="upper right")
-    ax.tick_params(labelsize=7)
-    sub = grid[3, :].subgridspec(1, 2 * n_top + 1, wspace=0.08, width_ratios=[1.0] * (2 * n_top) + [0.08])
-    image = None
-    for r, t in enumerate(report.top):
-        where = f", z {t.z_mm:.1f} mm" if t.z_mm is not None else ""
-        ax = fig.add_subplot(sub[0, 2 * r])
-        ax.imshow(t.raw, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"#{r + 1}: slice {t.slice_index + 1}{where}\nattention {t.attention:.3f}", fontsize=8)
+    if m:
+        ax = fig.add_subplot(grid[1, 0])
+        size, gap = report.thumbnails.shape[1], 2
+        ax.imshow(_montage([_grey_rgb(t) for t in report.thumbnails], gap))
+        for j in sorted(top_positions):
+            ax.add_patch(Rectangle((j * (size + gap) - 0.5, -0.5), size, size, fill=False, edgecolor="#d62728", linewidth=2))
         ax.axis("off")
-        ax = fig.add_subplot(sub[0, 2 * r + 1])
-        image = ax.imshow(t.heat, cmap=HEAT_CMAP, vmin=0, vmax=1)
-        ax.set_title("activation", fontsize=8)
+        ax = fig.add_subplot(grid[2, 0])
+        colours = ["#d62728" if j in top_positions else "#7a9cc6" for j in range(m)]
+        positions = np.arange(1, m + 1)
+        ax.bar(positions, report.attention, color=colours, width=0.85)
+        ax.axhline(1.0 / m, color="#333", linestyle="--", linewidth=0.8, label=f"uniform 1/{m}")
+        ax.set_xlim(0.5, m + 0.5)
+        ax.set_xticks(positions)
+        if report.z_mm is not None:
+            ax.set_xticklabels([f"{j}\n{z:.0f}" for j, z in zip(positions, report.z_mm)])
+            ax.set_xlabel("sampled slice position / z in mm from the first slice", fontsize=8)
+        else:
+            ax.set_xlabel("sampled slice position", fontsize=8)
+        ax.set_ylabel("slice attention", fontsize=8)
+        ax.legend(fontsize=7, loc="upper right")
+        ax.tick_params(labelsize=7)
+    if report.top:
+        ax = fig.add_subplot(grid[3, 0])
+        pairs = [_montage([_grey_rgb(t.raw), heat_rgb(t.heat)], 2) for t in report.top]
+        ax.imshow(_montage(pairs, 12))
+        width = pairs[0].shape[1] + 12
+        for r, t in enumerate(report.top):
+            where = f", z {t.z_mm:.1f} mm" if t.z_mm is not None else ""
+            ax.text(r * width + pairs[0].shape[1] / 2, -4, f"#{r + 1}: slice {t.slice_index + 1}{where}\n"
+                    f"attention {t.attention:.3f}  (slice | activation)", ha="center", va="bottom", fontsize=8)
         ax.axis("off")
-    if image is not None:
-        bar = fig.colorbar(image, cax=fig.add_subplot(sub[0, -1]))
+        bar = fig.colorbar(plt.cm.ScalarMappable(cmap=HEAT_CMAP), cax=fig.add_subplot(grid[3, 1]))
         bar.set_label("activation (0-1, per slice)", fontsize=7)
         bar.ax.tick_params(labelsize=7)
-    ax = fig.add_subplot(grid[4, :])
+    ax = fig.add_subplot(grid[4, 0])
     ax.axis("off")
     findings = report.findings
     verdict = "The model flags: " + ", ".join(findings) if findings else "No finding above the threshold."
