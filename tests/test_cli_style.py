@@ -136,3 +136,17 @@ def test_extract_guesses_layout_and_passes_scan_labels(tmp_path, monkeypatch):
     seen.clear()
     CliRunner().invoke(main, ["extract", "--data", str(tree), "--layout", "folder"])
     assert seen["layout"] == "folder"  # an explicit layout is never second-guessed
+
+
+def test_every_run_has_a_model_card(tmp_path):
+    cache = _cache(tmp_path / "c.h5")
+    result = CliRunner().invoke(main, ["train", "--cache", str(cache), "--out", str(tmp_path / "run"), *HEAD])
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "run" / "MODEL_CARD.md").read_text()
+    for section in ("## Data", "## Validation", "## Intended use", "## Limits"):
+        assert section in card
+    assert "8 labelled scans" in card and "any 4/8" in card and "subdural 4/8" in card
+    assert "2-fold cross-validation grouped by patient" in card and "| 0 | 4 |" in card and "| 1 | 4 |" in card
+    history = json.loads((tmp_path / "run" / "fold_0" / "history.json").read_text())
+    assert f"{history[-1]['val_macro_f1']:.4f}" in card
+    assert "untrained VGG16 (random:0)" in card and "not a diagnosis" in card.lower() or "never a diagnosis" in card

@@ -5,6 +5,7 @@ below). The CNN never runs here: the APS "zoom in" is a gather of 512-resolution
 Run directory::
 
     config.yaml   the merged config          run.json   cache, provenance, labels, folds, resolutions
+    MODEL_CARD.md data, folds, metrics, intended use and limits (pipeline/training/model_card.py)
     fold_<k>/checkpoint.pt, fold_<k>/history.json
     oof.npz       out-of-fold predictions with slice and feature attentions (see write_oof)
 
@@ -33,6 +34,7 @@ from pipeline.training.checkpoint import save_checkpoint
 from pipeline.training.dataset import CachedFeatures
 from pipeline.training.folds import assign_folds
 from pipeline.training.losses import DrCTLoss
+from pipeline.training.model_card import write_model_card
 from pipeline.training.sampler import eval_positions, train_positions
 
 
@@ -222,6 +224,7 @@ def run_training(
         raise TrainingError(f"train.epochs must be at least 1, got {epochs}")
     augment = bool(config["sampler"].get("augment", True))
     all_scans, all_folds, all_preds = [], [], []
+    histories: dict[int, list[dict]] = {}
     for fold in folds_run:
         torch.manual_seed(seed * 1000 + fold)
         rng = np.random.default_rng([seed, fold])
@@ -251,6 +254,7 @@ def run_training(
         fold_dir = out / f"fold_{fold}"
         save_checkpoint(fold_dir / "checkpoint.pt", model, config, cache.provenance, names, fold)
         (fold_dir / "history.json").write_text(json.dumps(history, indent=1))
+        histories[fold] = history
         log(f"fold {fold}: {len(train_scans)} train / {len(val_scans)} validation scans, "
             f"loss {history[-1]['loss']:.4f}, validation macro-F1 {val_f1:.4f}")
         all_scans.append(val_scans)
@@ -261,5 +265,7 @@ def run_training(
     merged = {key: np.concatenate([p[key] for p in all_preds])[order] for key in all_preds[0]}
     write_oof(out / "oof.npz", data, scans[order], np.concatenate(all_folds)[order], merged)
     (out / "run.json").write_text(json.dumps(run_info, indent=1))
+    write_model_card(out, config, run_info, histories, data.labels[scans[order]].astype(np.float64),
+                     merged["prob"].astype(np.float64), np.concatenate(all_folds)[order])
     cache.close()
     return run_info
