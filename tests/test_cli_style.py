@@ -93,7 +93,7 @@ def test_help_lists_every_command_and_flags_are_uniform():
     listed = result.output.split("Commands:")[1]
     for name in SUBCOMMANDS:
         assert f"  {name} " in listed, name
-    config_readers = ["phantom", "extract", "train", "sweep", "report"]
+    config_readers = ["phantom", "extract", "train", "sweep", "report", "interpret"]
     for name in config_readers:
         page = CliRunner().invoke(main, [name, "--help"]).output
         assert "--set KEY=VALUE" in page and "--config" in page, name

@@ -239,7 +239,7 @@ def test_index_shows_reference_labels_and_flags_false_negatives():
 
 
 def test_scan_page_is_decision_support_with_axis_mm_and_colour_bar(phantom_run, tmp_path):
-    run_dir, index = phantom_run
+    run_dir, _index = phantom_run
     source = load_run_source(run_dir)
     summary = write_reports(source, tmp_path / "out")
     page = Path(summary["scans"][0]["html"]).read_text()

@@ -39,10 +39,10 @@ def limits(config: dict, info: dict) -> list[str]:
     if int(config["train"]["epochs"]) < 20:
         notes.append(f"{config['train']['epochs']} epochs per fold (the paper trains 100).")
     notes += [
-        "Validated by patient-grouped cross-validation on one dataset only; performance on other scanners, "
-        "protocols or populations is unknown.",
-        "Classes and labels are those of the training data (RSNA subtypes or CQ500 reads); anything else "
-        "(stroke, tumour, artefacts) is out of scope.",
+        ("Validated by patient-grouped cross-validation on one dataset only; performance on other scanners, "
+        "protocols or populations is unknown."),
+        ("Classes and labels are those of the training data (RSNA subtypes or CQ500 reads); anything else "
+        "(stroke, tumour, artefacts) is out of scope."),
         "Slice attention and activation maps show what the model used, not a lesion outline.",
     ]
     return notes
@@ -74,30 +74,30 @@ def write_model_card(out_dir: str | Path, config: dict, info: dict, histories: d
         "Written by `drct train` with the run; `drct evaluate` adds metrics.json, `drct report` the per-scan pages.",
         "",
         "## Model",
-        f"- {info['model']} heads (DrCT2 paper: feature attention, BiGRU, slice attention"
-        f"{', APS zoom-in on m_key slices and knowledge fusion' if info['model'] == 'drct2' else ''}) on cached VGG16 vectors",
-        f"- m = {info['m']} sampled slices, m_key = {m['m_key']} ({m.get('aps_selection', 'attention')} selection), "
-        f"loss {t['loss']}, Adam lr {t['lr_primary']}/{t['lr_aps']}/{t['lr_fusion']}, {t['epochs']} epochs, batch {t['batch_size']}",
+        (f"- {info['model']} heads (DrCT2 paper: feature attention, BiGRU, slice attention"
+        f"{', APS zoom-in on m_key slices and knowledge fusion' if info['model'] == 'drct2' else ''}) on cached VGG16 vectors"),
+        (f"- m = {info['m']} sampled slices, m_key = {m['m_key']} ({m.get('aps_selection', 'attention')} selection), "
+        f"loss {t['loss']}, Adam lr {t['lr_primary']}/{t['lr_aps']}/{t['lr_fusion']}, {t['epochs']} epochs, batch {t['batch_size']}"),
         f"- prediction for new scans: `drct predict DICOM_DIR --run {out}` = mean probability of the {len(histories)} fold models",
         "",
         "## Data",
         f"- feature cache: `{info['cache']}` ({info['n_scans']} labelled scans)",
-        f"- encoder: {prov.get('encoder', 'vgg16')} weights `{prov.get('weights')}` (digest {str(prov.get('weights_digest'))[:16]}...), "
-        f"resolutions {prov.get('resolutions')}, windows {prov.get('windows')}, APS input {prov.get('aps_source')}",
+        (f"- encoder: {prov.get('encoder', 'vgg16')} weights `{prov.get('weights')}` (digest {str(prov.get('weights_digest'))[:16]}...), "
+        f"resolutions {prov.get('resolutions')}, windows {prov.get('windows')}, APS input {prov.get('aps_source')}"),
         f"- classes (positive/known scans): {', '.join(prevalence)}",
         "",
         "## Validation",
         f"- {info['folds']}-fold cross-validation grouped by patient (seed {info['seed']}); folds run: {info['folds_run']}",
-        "- every scan is scored by the fold model that did not train on it (out-of-fold); the checkpoint of a "
-        "fold is its last epoch (no selection on the validation fold)",
+        ("- every scan is scored by the fold model that did not train on it (out-of-fold); the checkpoint of a "
+        "fold is its last epoch (no selection on the validation fold)"),
         "",
         "| fold | validation scans | last train loss | validation macro-F1 | validation macro-AUC |",
         "| --- | --- | --- | --- | --- |",
         *per_fold,
         "",
-        f"Out-of-fold, all folds pooled, threshold {threshold:g}: macro-F1 {_fmt(pooled.get('macro_f1'))}, "
+        (f"Out-of-fold, all folds pooled, threshold {threshold:g}: macro-F1 {_fmt(pooled.get('macro_f1'))}, "
         f"macro precision {_fmt(pooled.get('macro_precision'))}, macro recall {_fmt(pooled.get('macro_recall'))}, "
-        f"macro-AUC {_fmt(pooled.get('macro_auc'))}.",
+        f"macro-AUC {_fmt(pooled.get('macro_auc'))}."),
         "",
         "## Intended use",
         INTENDED_USE,
