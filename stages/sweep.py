@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from stages.options import StageError, load_stage_config, set_option
+from stages.options import StageError, load_stage_config, progress_option, set_option
 
 
 def fold_f1(run_dir: Path, threshold: float) -> tuple[float, float]:
@@ -31,7 +31,7 @@ def fold_f1(run_dir: Path, threshold: float) -> tuple[float, float]:
 
 
 def run_sweep(config: dict, cache_path: str | Path, out_dir: str | Path, m_keys: list[int], epochs: int | None,
-              selections=("attention", "random"), log=print) -> list[dict]:
+              selections=("attention", "random"), log=print, progress: bool = False) -> list[dict]:
     """Train the config's heads at each m_key x selection into OUT/runs/mkey<N>_<selection>/; returns the points."""
     from pipeline.training.trainer import run_training
 
@@ -40,7 +40,10 @@ def run_sweep(config: dict, cache_path: str | Path, out_dir: str | Path, m_keys:
     if bad:
         raise StageError(f"m_key values {bad} are outside 1..sampler.m = {m}")
     threshold = float(config["evaluate"]["threshold"])
+    from tqdm import tqdm
+
     points = []
+    bar = tqdm(total=len(m_keys) * len(selections), unit="run", desc="sweep", disable=not progress)
     for m_key in m_keys:
         for selection in selections:
             cfg = copy.deepcopy(config)
@@ -54,6 +57,8 @@ def run_sweep(config: dict, cache_path: str | Path, out_dir: str | Path, m_keys:
             mean, std = fold_f1(run_dir, threshold)
             points.append({"m_key": int(m_key), "selection": selection, "macro_f1": mean, "macro_f1_std": std,
                            "run": str(run_dir)})
+            bar.update(1)
+    bar.close()
     return points
 
 
@@ -77,7 +82,8 @@ def parse_m_keys(value) -> list[int]:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for sweep.json, mkey_sweep.{csv,png} and runs/.")
 @set_option
-def sweep(config_path, cache_path, m_keys, epochs, out_dir, settings):
+@progress_option
+def sweep(config_path, cache_path, m_keys, epochs, out_dir, settings, progress):
     """Train the heads at each m_key with attention and random APS selection (paper Fig. 6).
 
     \b
@@ -99,7 +105,7 @@ def sweep(config_path, cache_path, m_keys, epochs, out_dir, settings):
 
         with FeatureCache(cache_path) as cache:
             settings_from_cache(config, dict(cache.provenance), config_path, {})
-        points = run_sweep(config, cache_path, out, keys, epochs, log=lambda s: click.echo(s, err=True))
+        points = run_sweep(config, cache_path, out, keys, epochs, log=lambda s: click.echo(s, err=True), progress=progress)
     except (CacheError, TrainingError, ValueError, OSError) as exc:
         raise StageError(str(exc)) from None
     from pipeline import plots

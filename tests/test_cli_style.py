@@ -97,7 +97,7 @@ def test_help_lists_every_command_and_flags_are_uniform():
     for name in config_readers:
         page = CliRunner().invoke(main, [name, "--help"]).output
         assert "--set KEY=VALUE" in page and "--config" in page, name
-    for name in ["phantom", "extract", "train", "report", "predict", "export"]:
+    for name in ["phantom", "extract", "train", "sweep", "report", "predict", "export"]:
         page = CliRunner().invoke(main, [name, "--help"]).output
         assert "--progress / --no-progress" in page and "--quiet" not in page, name
     for group, name in (("cache", "info"), ("cache", "verify")):
