@@ -150,3 +150,21 @@ def test_every_run_has_a_model_card(tmp_path):
     history = json.loads((tmp_path / "run" / "fold_0" / "history.json").read_text())
     assert f"{history[-1]['val_macro_f1']:.4f}" in card
     assert "untrained VGG16 (random:0)" in card and "not a diagnosis" in card.lower() or "never a diagnosis" in card
+
+
+def test_extract_real_rsna_with_scan_labels_only(real_data, tmp_path):
+    """RSNA studies with only a scan-level label table (no stage_2_train.csv) extract with
+    --scan-labels, and the layout is guessed from the flat ID_*.dcm tree."""
+    from cache.store import FeatureCache
+
+    rsna = real_data / "rsna"
+    out = tmp_path / "f.h5"
+    result = CliRunner().invoke(main, ["extract", "--data", str(rsna / "stage_2_train"), "--scan-labels",
+                                       str(rsna / "study_labels_derived.csv"), "--out", str(out), "--resolutions", "32,64",
+                                       "--weights", "random:0", "--workers", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "using --layout rsna" in result.output
+    with FeatureCache(out) as cache:
+        table = cache.table
+        assert len(table.scan_id) == 2 and not np.isnan(table.labels).any()
+        assert int(np.nansum(table.labels[:, cache.label_names.index("any")])) == 1
