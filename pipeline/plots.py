@@ -89,18 +89,25 @@ def write_mkey_sweep(points: Sequence[dict], csv_path: str | Path, png_path: str
         [(p["selection"], int(p["m_key"]), f"{p['macro_f1']:.6g}", p.get("run", ""),
           *([_fmt(p.get("macro_f1_std"))] if has_std else [])) for p in points],
     )
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for selection, marker in (("attention", "o"), ("random", "s")):
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    # the two selections side by side at each m_key (x dodged by +-3 % on the log axis) so that
+    # their error bars do not hide each other; the legend sits outside the axes
+    for selection, marker, dodge in (("attention", "o", 0.97), ("random", "s", 1.03)):
         sel = [p for p in points if p["selection"] == selection]
         if sel:
             std = [p.get("macro_f1_std") for p in sel]
             yerr = [0.0 if s is None or not np.isfinite(s) else float(s) for s in std]
-            ax.errorbar([p["m_key"] for p in sel], [p["macro_f1"] for p in sel], yerr=yerr if any(yerr) else None,
-                        marker=marker, capsize=4, label=f"{selection} selection")
+            ax.errorbar([p["m_key"] * dodge for p in sel], [p["macro_f1"] for p in sel],
+                        yerr=yerr if any(yerr) else None, marker=marker, capsize=4, label=f"{selection} selection")
+    m_keys = sorted({int(p["m_key"]) for p in points})
+    if m_keys:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(m_keys, [str(k) for k in m_keys])
+        ax.minorticks_off()
     ax.set(xlabel="m_key (slices given to the APS network)", ylabel="Macro-F1 (mean +- std over folds)",
            title="APS slice selection")
     if points:
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     _save(fig, png_path)
 
 
