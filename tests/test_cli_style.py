@@ -83,6 +83,10 @@ def test_unknown_config_keys_suggest_the_right_one(tmp_path):
     assert result.exit_code == 2 and "did you mean 'model.m_key'" in result.output
     result = CliRunner().invoke(main, ["extract", "--data", str(tmp_path), "--layout", "cq50"])
     assert result.exit_code == 2 and "did you mean 'cq500'" in result.output
+    config = tmp_path / "bad.yaml"
+    config.write_text("dataset:\n  layout: rsnaa\n")
+    result = CliRunner().invoke(main, ["extract", "--config", str(config), "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "did you mean 'rsna'" in result.output
     result = CliRunner().invoke(main, ["trian"])
     assert result.exit_code == 2 and "did you mean 'train'" in result.output
 
