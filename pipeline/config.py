@@ -7,6 +7,7 @@ Every stage reads its settings through `load_config`, so a value has one name ev
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ def deep_merge(base: dict, update: dict, where: str = "") -> dict:
     for key, value in update.items():
         dotted = f"{where}{key}"
         if key not in merged:
-            raise ConfigError(f"unknown config key '{dotted}' (see configs/defaults.yaml for the valid keys)")
+            close = difflib.get_close_matches(str(key), [str(k) for k in merged], n=1, cutoff=0.5)
+            hint = f"did you mean '{where}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key '{dotted}' ({hint}see configs/defaults.yaml for the valid keys)")
         if isinstance(merged[key], dict) and isinstance(value, dict):
             merged[key] = deep_merge(merged[key], value, dotted + ".")
         elif isinstance(merged[key], dict):

@@ -5,13 +5,16 @@ from __future__ import annotations
 import click
 
 from pipeline.config import ConfigError, load_config
+from stages.options import set_option
 
 
-def _target(path: str | None, config_path: str | None) -> str:
+def _target(path: str | None, config_path: str | None, settings=()) -> str:
     if path:
         return path
+    from stages.options import parse_settings
+
     try:
-        return str(load_config(config_path)["extract"]["out"])
+        return str(load_config(config_path, parse_settings(settings))["extract"]["out"])
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -24,13 +27,14 @@ def cache():
 @cache.command("info")
 @click.argument("path", required=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Take PATH from extract.out of this config.")
-def info(path, config_path):
+@set_option
+def info(path, config_path, settings):
     """Print provenance, scans, slices, positive classes, resolutions and file size of the cache at PATH
     (default: extract.out)."""
     from cache.store import CacheError
     from cache.verify import cache_info, resolve_target, verify_parts
 
-    kind, target = resolve_target(_target(path, config_path))
+    kind, target = resolve_target(_target(path, config_path, settings))
     if kind == "parts":
         report = verify_parts(target)
         click.echo("\n".join(report.notes + report.problems))
@@ -44,13 +48,14 @@ def info(path, config_path):
 @cache.command("verify")
 @click.argument("path", required=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Take PATH from extract.out of this config.")
-def verify(path, config_path):
+@set_option
+def verify(path, config_path, settings):
     """Check the cache at PATH (default: extract.out): structure, dtypes and shapes, contiguous
     offsets, counts, NaN/inf in the vectors, provenance attributes. On an unfinished extraction
     (PATH.parts) check every committed part and report progress. Exit status 1 on any problem."""
     from cache.verify import resolve_target, verify_cache, verify_parts
 
-    kind, target = resolve_target(_target(path, config_path))
+    kind, target = resolve_target(_target(path, config_path, settings))
     if kind == "missing":
         raise click.ClickException(f"no feature cache or unfinished extraction at {target}")
     report = verify_parts(target) if kind == "parts" else verify_cache(target)

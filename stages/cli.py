@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "predict": ("stages.predict", "predict"),
     "export": ("stages.export", "export"),
     "interpret": ("stages.interpret", "interpret_cmd"),
+    "sweep": ("stages.sweep", "sweep"),
 }
 
 
@@ -40,6 +41,13 @@ class LazyGroup(click.Group):
             raise
         return getattr(module, attribute)
 
+    def resolve_command(self, ctx, args):
+        if args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
+            from stages.options import did_you_mean
+
+            ctx.fail(f"No such command '{args[0]}'{did_you_mean(args[0], SUBCOMMANDS)}; `drct --help` lists them.")
+        return super().resolve_command(ctx, args)
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="drct")
@@ -48,9 +56,15 @@ def main():
 
     \b
     Stage one:  drct extract   DICOM -> frozen VGG16 at two resolutions -> HDF5 feature cache
+                drct cache     info / verify a feature cache
     Stage two:  drct train     attention/BiGRU/APS/fusion heads on cached vectors only
-    Then:       drct evaluate, drct report, drct predict, drct export
+    Then:       drct evaluate  metrics of a run     drct interpret  key slices (Tables 5-6)
+                drct sweep     m_key sweep (Fig. 6) drct report     per-scan decision-support pages
+                drct predict   new DICOM series     drct export     cached vectors to npz/parquet/h5
     Demo data:  drct phantom   synthetic head CTs written as real DICOM
+
+    Every command that reads a config takes --config FILE and --set KEY=VALUE; every command
+    with a progress bar takes --progress/--no-progress.
     """
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from stages.options import progress_option
+
 
 def _split_ids(values: tuple[str, ...]) -> list[str] | None:
     """--scans may be repeated, comma separated, or @FILE (one id per line)."""
@@ -39,9 +41,9 @@ def _split_ids(values: tuple[str, ...]) -> list[str] | None:
               help="Resolution to export, repeatable (default: every cached resolution).")
 @click.option("--batch-slices", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Slices read per batch: bounds memory (2 KiB per slice and resolution).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@progress_option
 def export(cache: Path, fmt: str, out: Path, scans: tuple[str, ...], resolutions: tuple[int, ...],
-           batch_slices: int, quiet: bool) -> None:
+           batch_slices: int, progress: bool) -> None:
     """Export the slice vectors of CACHE (chosen scans and resolutions) without changing a value.
 
     \b
@@ -62,7 +64,7 @@ def export(cache: Path, fmt: str, out: Path, scans: tuple[str, ...], resolutions
     ids = _split_ids(scans)
     try:
         summary = export_cache(cache, out, fmt, scan_ids=ids, resolutions=list(resolutions) or None,
-                               batch_slices=batch_slices, progress=not quiet)
+                               batch_slices=batch_slices, progress=progress)
     except cache_error_types() as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
+from stages.options import (
+    StageError,
+    SuggestingChoice,
+    config_sets,
+    did_you_mean,
+    guess_layout,
+    load_stage_config,
+    set_option,
+)
 
 LAYOUTS = ("rsna", "cq500", "folder")
 
@@ -23,8 +32,11 @@ def _resolutions(value: str | None) -> list[int] | None:
 @click.command("extract")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (defaults: configs/defaults.yaml).")
 @click.option("--data", help="Root of the DICOM tree [dataset.data].")
-@click.option("--layout", type=click.Choice(LAYOUTS), help="Dataset layout [dataset.layout].")
+@click.option("--layout", type=SuggestingChoice(LAYOUTS),
+              help="Dataset layout [dataset.layout]; if neither this nor the config sets it, guessed from the tree.")
 @click.option("--labels", help="Label CSV; default: the layout's own file [dataset.labels].")
+@click.option("--scan-labels", help="Scan-level label CSV (id column + one column per class) that gives or overrides "
+                                    "scan labels, e.g. RSNA studies with only scan labels [dataset.scan_labels].")
 @click.option("--out", help="The HDF5 feature cache to write [extract.out].")
 @click.option("--resolutions", help="Comma list of input sizes, smallest first, e.g. 224,512 [extract.resolutions].")
 @click.option("--weights", help="imagenet | path/to/vgg16_state_dict.pth | random:SEED [extract.weights].")
@@ -36,9 +48,11 @@ def _resolutions(value: str | None) -> list[int] | None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="auto = bf16 where fast [extract.precision].")
 @click.option("--scans-per-commit", type=int, help="Scans per crash-safe commit unit [extract.scans_per_commit].")
 @click.option("--decode-chunk", type=int, help="Slices per dask decoding task [extract.decode_chunk].")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar with slices/s on stderr.")
-def extract(config_path, data, layout, labels, out, resolutions, weights, aps_source, device, scheduler, workers,
-            batch_size, precision, scans_per_commit, decode_chunk, progress):
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress bars with slices/s and ETA on stderr.")
+@set_option
+def extract(config_path, data, layout, labels, scan_labels, out, resolutions, weights, aps_source, device, scheduler,
+            workers, batch_size, precision, scans_per_commit, decode_chunk, progress, settings):
     """Stage one: run the frozen VGG16 over every slice of every scan at every resolution.
 
     \b
@@ -63,6 +77,7 @@ def extract(config_path, data, layout, labels, out, resolutions, weights, aps_so
         "dataset.data": data,
         "dataset.layout": layout,
         "dataset.labels": labels,
+        "dataset.scan_labels": scan_labels,
         "extract.out": out,
         "extract.resolutions": _resolutions(resolutions),
         "extract.weights": weights,
@@ -75,15 +90,18 @@ def extract(config_path, data, layout, labels, out, resolutions, weights, aps_so
         "extract.scans_per_commit": scans_per_commit,
         "extract.decode_chunk": decode_chunk,
     }
-    try:
-        config = load_config(config_path, overrides)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = load_stage_config(config_path, overrides, settings)
     dataset = config["dataset"]
     root = Path(dataset["data"])
     if not root.is_dir():
-        raise click.ClickException(f"data folder not found: {root} (give --data or dataset.data)")
-    index = _build_index(root, dataset["layout"], dataset.get("labels"), progress,
+        raise StageError(f"data folder not found: {root} (give --data or dataset.data)")
+    if layout is None and "dataset.layout" not in settings_keys(settings) and not config_sets(config_path, "dataset.layout"):
+        dataset["layout"], why = guess_layout(root)
+        click.echo(f"--layout not given: using --layout {dataset['layout']} ({why}); pass --layout to choose", err=True)
+    elif dataset["layout"] not in LAYOUTS:
+        raise StageError(f"dataset.layout {dataset['layout']!r} is not one of {', '.join(LAYOUTS)}"
+                         f"{did_you_mean(dataset['layout'], LAYOUTS)}")
+    index = _build_index(root, dataset["layout"], dataset.get("labels"), progress, dataset.get("scan_labels"),
                          dataset.get("cq500_series", "all"), bool(dataset.get("cq500_bone", False)))
     try:
         run_extraction(index, config, progress=progress)
@@ -91,11 +109,16 @@ def extract(config_path, data, layout, labels, out, resolutions, weights, aps_so
         raise click.ClickException(str(exc)) from None
 
 
-def _build_index(root: Path, layout: str, labels, progress: bool, cq500_series: str = "all", cq500_bone: bool = False):
+def settings_keys(settings) -> set[str]:
+    return {str(item).partition("=")[0].strip() for item in settings or ()}
+
+
+def _build_index(root: Path, layout: str, labels, progress: bool, scan_labels=None, cq500_series: str = "all",
+                 cq500_bone: bool = False):
     from pipeline.data.index import build_scan_index
 
     try:
-        return build_scan_index(root, layout, labels, progress=progress, cq500_series=cq500_series,
-                                cq500_bone=cq500_bone)
+        return build_scan_index(root, layout, labels, scan_labels_csv=scan_labels, progress=progress,
+                                cq500_series=cq500_series, cq500_bone=cq500_bone)
     except (ValueError, OSError, KeyError) as exc:
         raise click.ClickException(f"cannot index the DICOM tree {root} as layout {layout!r}: {exc}") from None

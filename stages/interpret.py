@@ -15,6 +15,7 @@ import click
 import numpy as np
 
 from pipeline.metrics import json_safe
+from stages.options import set_option
 
 
 def macro_f1(labels: np.ndarray, prob: np.ndarray, threshold: float) -> float:
@@ -134,7 +135,10 @@ def train_sweep(run_dir: str | Path, m_keys: list[int], epochs: int | None = Non
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for interpret.json, plots/ and sweep/ (default: RUN_DIR). DVC needs it outside "
                    "the train stage's run dir.")
-def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_dir):
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config for report.top_k (the k of Algorithm 1).")
+@set_option
+def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_dir, config_path, settings):
     """Key-slice evaluation of a run: Algorithm 1, Tables 5-6, Figs. 5-7.
 
     \b
@@ -146,10 +150,11 @@ def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_di
     from cache.store import CacheError
 
     try:
-        from pipeline.config import load_config
+        from stages.options import load_stage_config
 
         out_dir = Path(out_dir or run_dir)
-        result = interpret_run(run_dir, cache_path, k=int(load_config(None)["report"]["top_k"]), out_dir=out_dir)
+        top_k = int(load_stage_config(config_path, {}, settings)["report"]["top_k"])
+        result = interpret_run(run_dir, cache_path, k=top_k, out_dir=out_dir)
         if train_m_keys:
             try:
                 m_keys = [int(v) for v in str(train_m_keys).split(",") if v.strip()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.config import ConfigError, load_config
+from stages.options import SuggestingChoice, load_stage_config, progress_option, set_option
 
 LAYOUTS = ["rsna", "cq500"]
 
@@ -12,13 +12,14 @@ LAYOUTS = ["rsna", "cq500"]
 @click.command()
 @click.argument("out", required=False, type=click.Path(file_okay=False))
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (defaults: configs/defaults.yaml).")
-@click.option("--layout", type=click.Choice(LAYOUTS), help="Folder layout to write [phantom.layout].")
+@click.option("--layout", type=SuggestingChoice(LAYOUTS), help="Folder layout to write [phantom.layout].")
 @click.option("--scans", type=click.IntRange(min=1), help="Number of scans [phantom.scans].")
 @click.option("--seed", type=int, help="Random seed; the same seed gives identical files [phantom.seed].")
 @click.option("--size", type=click.IntRange(32, 1024), help="Nominal image matrix in pixels [phantom.size].")
 @click.option("--force", is_flag=True, help="Replace the contents of a non-empty OUT that holds no phantom.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def phantom(out, config_path, layout, scans, seed, size, force, progress):
+@set_option
+@progress_option
+def phantom(out, config_path, layout, scans, seed, size, force, settings, progress):
     """Write synthetic head CTs as real DICOM into OUT [dataset.data].
 
     \b
@@ -35,10 +36,7 @@ def phantom(out, config_path, layout, scans, seed, size, force, progress):
     from pipeline.data.phantom import PhantomError, make_phantom
 
     overrides = {"phantom.layout": layout, "phantom.scans": scans, "phantom.seed": seed, "phantom.size": size}
-    try:
-        config = load_config(config_path, overrides)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = load_stage_config(config_path, overrides, settings)
     settings = config["phantom"]
     out = out or config["dataset"]["data"]
     bar = None

@@ -1,5 +1,8 @@
 """`drct predict`: new scans straight from a DICOM folder, with a trained checkpoint.
 
+`--run RUN_DIR` predicts with the ensemble of the run's fold models (mean of their
+probabilities); `--checkpoint` with one of them.
+
 DICOM folder (one scan per SeriesInstanceUID, no labels) -> feature cache OUT/features.h5 made
 with the checkpoint's own extract settings (reused when run again: extraction resumes/skips
 finished scans) -> predictions (predictions.csv, predictions.npz) -> per-scan reports.
@@ -19,6 +22,8 @@ from pathlib import Path
 
 import click
 import numpy as np
+
+from stages.options import StageError, progress_option
 
 
 class PredictError(RuntimeError):
@@ -41,9 +46,76 @@ def check_encoder_provenance(checkpoint_provenance: dict, extract_config: dict, 
         )
 
 
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The fold checkpoints of a `drct train` run directory, in fold order."""
+    run_dir = Path(run_dir)
+    found = sorted(run_dir.glob("fold_*/checkpoint.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not found:
+        raise PredictError(f"{run_dir}: no fold_<k>/checkpoint.pt; is it a finished `drct train` run directory?")
+    return found
+
+
+def load_ensemble(checkpoints: list[Path]):
+    """[(model, config, meta)] of the checkpoints; all must share labels, sampler.m and provenance."""
+    from pipeline.features.provenance import CHECKED_FIELDS
+    from pipeline.training.checkpoint import load_model
+
+    members = [load_model(path) for path in checkpoints]
+    _, config0, meta0 = members[0]
+    for path, (_, config, meta) in zip(checkpoints[1:], members[1:]):
+        if list(meta["label_names"]) != list(meta0["label_names"]):
+            raise PredictError(f"{path}: other label names than {checkpoints[0]}")
+        if int(config["sampler"]["m"]) != int(config0["sampler"]["m"]):
+            raise PredictError(f"{path}: sampler.m differs from {checkpoints[0]}")
+        for field in (*CHECKED_FIELDS, "weights_digest"):
+            if meta["provenance"].get(field) != meta0["provenance"].get(field):
+                raise PredictError(f"{path}: provenance field {field} differs from {checkpoints[0]}")
+    return members
+
+
+def remove_stale_lock(cache_path: Path) -> None:
+    """Delete the finished extraction's CACHE.lock (kept by the writer), if no process holds it."""
+    import fcntl
+    import os
+
+    from cache.writer import lock_path
+
+    lock = lock_path(cache_path)
+    if not lock.exists():
+        return
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    finally:
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _study_uid(path: Path) -> str:
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+                   .get("StudyInstanceUID", ""))
+    except Exception:  # noqa: BLE001 - an unreadable header leaves the column empty
+        return ""
+
+
+def _relative_folder(path: Path, root: Path) -> str:
+    try:
+        return str(path.parent.resolve().relative_to(root.resolve())) or "."
+    except ValueError:
+        return str(path.parent)
+
+
 def predict_folder(
     dicom_dir: str | Path,
-    checkpoint: str | Path,
+    checkpoint: str | Path | list,
     out_dir: str | Path,
     *,
     weights: str | None = None,
@@ -55,7 +127,11 @@ def predict_folder(
     progress: bool = False,
     log=print,
 ) -> dict:
-    """Run the whole predict pipeline; returns {"predictions": csv path, "n_scans", "reports": summary}."""
+    """Run the whole predict pipeline; returns {"predictions": csv path, "n_scans", "reports": summary}.
+
+    `checkpoint`: one checkpoint, or a list (a run's folds): the prediction is then the ensemble,
+    the mean of the members' probabilities (and of their slice and feature attentions, which are
+    over the same deterministic slice sample)."""
     import torch
 
     from cache.store import FeatureCache
@@ -64,13 +140,14 @@ def predict_folder(
     from pipeline.features.encoder import load_encoder
     from pipeline.features.extraction import run_extraction
     from pipeline.report.build import ReportSource, display_label, write_reports
-    from pipeline.training.checkpoint import load_model
     from pipeline.training.dataset import CachedFeatures
     from pipeline.training.trainer import predict_scans, resolutions
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, config, meta = load_model(checkpoint)
+    checkpoints = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
+    members = load_ensemble(checkpoints)
+    _, config, meta = members[0]
     ckpt_prov = dict(meta["provenance"])
     names = list(meta["label_names"])
     config = copy.deepcopy(config)
@@ -85,22 +162,43 @@ def predict_folder(
     if not index.scans:
         raise PredictError(f"no usable DICOM series under {dicom_dir} ({len(index.rejects)} files rejected)")
     run_extraction(index, config, progress=progress, log=log)
+    remove_stale_lock(out_dir / "features.h5")
     cache = FeatureCache(out_dir / "features.h5")
     check_encoder_provenance(ckpt_prov, ex, str(cache.provenance.get("weights_digest") or digest))
 
     res = resolutions(config, cache)
     data = CachedFeatures.from_cache(cache, res["primary"], res["aps"], "cpu")
     scans = np.arange(len(data))
+    outputs = []
     with torch.inference_mode():
-        preds = predict_scans(model, data, scans, int(config["sampler"]["m"]), int(config["train"]["batch_size"]))
+        for member, member_config, _ in members:
+            outputs.append(predict_scans(member, data, scans, int(member_config["sampler"]["m"]),
+                                         int(member_config["train"]["batch_size"])))
+    preds = dict(outputs[0])
+    for key in ("prob", "slice_attention", "feature_attention"):
+        preds[key] = np.mean([np.asarray(o[key], np.float64) for o in outputs], axis=0)
+    if threshold is None:
+        threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
     table = cache.table
     labels = [display_label(s, p, show_phi) for s, p in zip(table.scan_id, table.patient_id)]
+    root = Path(dicom_dir)
     csv_path = out_dir / "predictions.csv"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["scan", "n_slices", *names])
+        writer.writerow(["scan", "status", "source_folder", "study_uid", "n_slices", *names,
+                         *(f"{n}_label" for n in names), "findings", "reason"])
         for i, label in enumerate(labels):
-            writer.writerow([label, int(table.n_slices[i]), *(f"{p:.6f}" for p in preds["prob"][i])])
+            first = Path(str(table.path[table.rows(i)][0]))
+            first = first if first.is_absolute() else Path(cache.attrs.get("data_root") or root) / first
+            called = preds["prob"][i] >= threshold
+            writer.writerow([label, "predicted", _relative_folder(first, root), _study_uid(first), int(table.n_slices[i]),
+                             *(f"{p:.6f}" for p in preds["prob"][i]), *(int(c) for c in called),
+                             ";".join(n for n, c in zip(names, called) if c), ""])
+        for reject in index.rejects:
+            path = Path(reject.path)
+            writer.writerow([display_label(reject.scan_id, "", show_phi) if reject.scan_id else "", "rejected",
+                             _relative_folder(path, root), "", "", *([""] * len(names)), *([""] * len(names)), "",
+                             f"{path.name}: {reject.reason}"])
     np.savez(
         out_dir / "predictions.npz",
         scan=np.asarray(labels, dtype=str),
@@ -110,10 +208,9 @@ def predict_folder(
         feature_attention=preds["feature_attention"].astype(np.float16),
         aps_idx=preds["aps_idx"].astype(np.int64),
     )
-    if threshold is None:
-        threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
     (out_dir / "predictions.json").write_text(json.dumps(
-        {"checkpoint": str(checkpoint), "label_names": names, "threshold": threshold,
+        {"checkpoints": [str(c) for c in checkpoints], "ensemble": "mean of the fold probabilities" if len(checkpoints) > 1
+         else "single checkpoint", "label_names": names, "threshold": threshold,
          "scans": [{"scan": label, "prob": dict(zip(names, map(float, preds["prob"][i])))} for i, label in enumerate(labels)]},
         indent=2))
     summary = {"predictions": str(csv_path), "n_scans": len(labels), "rejects": len(index.rejects)}
@@ -130,7 +227,9 @@ def predict_folder(
             threshold=threshold,
             cache=cache,
             provenance=provenance,
-            info={"checkpoint": str(checkpoint), "model": str(config["model"].get("name")),
+            info={"checkpoints": ", ".join(str(c) for c in checkpoints),
+                  "ensemble": f"mean of {len(checkpoints)} fold models" if len(checkpoints) > 1 else "one checkpoint",
+                  "model": str(config["model"].get("name")),
                   "predictions": "new scans (no reference labels)", "feature cache": str(cache.path),
                   **{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in provenance.items()}},
         )
@@ -141,21 +240,30 @@ def predict_folder(
 
 @click.command("predict")
 @click.argument("dicom_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A trained fold checkpoint (RUN_DIR/fold_<k>/checkpoint.pt).")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), default=None,
+              help="A `drct train` run directory: predict with the ensemble of its fold checkpoints (mean probability).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Or one fold checkpoint (RUN_DIR/fold_<k>/checkpoint.pt) alone.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--weights", default=None, help="Encoder weights to use instead of the checkpoint's spec (must give the same digest).")
+@click.option("--weights", default=None, help="Encoder weights to use instead of the checkpoint's spec, e.g. a local "
+                                              "vgg16 .pth on an offline machine (must give the same digest).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N for the encoder.")
 @click.option("--workers", type=int, default=0, show_default=True, help="DICOM decoding processes; 0 = in this process.")
 @click.option("--threshold", type=float, default=None, help="Decision threshold (default: the checkpoint's evaluate.threshold).")
 @click.option("--no-reports", is_flag=True, help="Predictions only, no HTML/PNG reports.")
 @click.option("--show-phi", is_flag=True, help="Show patient identifiers in reports and CSV (off by default).")
-def predict(dicom_dir, checkpoint, out_dir, weights, device, workers, threshold, no_reports, show_phi):
+@progress_option
+def predict(dicom_dir, run_dir, checkpoint, out_dir, weights, device, workers, threshold, no_reports, show_phi, progress):
     """Predict new scans from a folder of DICOM series (one scan per SeriesInstanceUID).
 
     \b
-    Writes OUT/features.h5 (feature cache, reused on a rerun), OUT/predictions.csv (one row per
-    scan: scan, n_slices, one probability column per class), predictions.json/.npz (with slice
-    and feature attention) and OUT/reports/index.html + one report per scan. A checkpoint whose
+    With --run RUN_DIR the prediction is the ensemble of the run's fold models: the mean of
+    their probabilities (and attentions); with --checkpoint, that one model. Writes
+    OUT/features.h5 (feature cache, reused on a rerun), OUT/predictions.csv (one row per scan:
+    scan, status=predicted, source_folder (relative to DICOM_DIR), study_uid, n_slices, one
+    probability column per class, <class>_label 0/1 at the threshold, findings; then one row
+    per rejected file: status=rejected and the reason), predictions.json/.npz (with slice and
+    feature attention) and OUT/reports/index.html + one report per scan. A checkpoint whose
     encoder provenance (weights digest, resolutions, windows, aps_source, preprocessing) does
     not match the encoder here is refused.
     """
@@ -164,12 +272,15 @@ def predict(dicom_dir, checkpoint, out_dir, weights, device, workers, threshold,
     from pipeline.report.build import ReportError
     from pipeline.training.checkpoint import CheckpointError
 
+    if bool(run_dir) == bool(checkpoint):
+        raise StageError("give --run RUN_DIR (fold ensemble) or --checkpoint CKPT (one model)")
     try:
-        summary = predict_folder(dicom_dir, checkpoint, out_dir, weights=weights, device=device, workers=workers,
-                                 reports=not no_reports, show_phi=show_phi, threshold=threshold,
+        checkpoints = run_checkpoints(run_dir) if run_dir else checkpoint
+        summary = predict_folder(dicom_dir, checkpoints, out_dir, weights=weights, device=device, workers=workers,
+                                 reports=not no_reports, show_phi=show_phi, threshold=threshold, progress=progress,
                                  log=lambda msg: click.echo(msg, err=True))
     except (PredictError, CheckpointError, CacheError, EncoderError, ReportError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{summary['n_scans']} scans -> {summary['predictions']}")
+    click.echo(f"{summary['n_scans']} scans ({summary['rejects']} files rejected) -> {summary['predictions']}")
     if "reports" in summary:
         click.echo(f"reports: {summary['reports']['index']}")

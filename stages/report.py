@@ -1,10 +1,12 @@
-"""`drct report`: per-scan diagnostic reports (paper Figure 2) for the scans of a trained run."""
+"""`drct report`: per-scan decision-support pages (paper Figure 2) for the scans of a trained run."""
 
 from __future__ import annotations
 
 import sys
 
 import click
+
+from stages.options import load_stage_config, progress_option, set_option
 
 
 @click.command("report")
@@ -15,7 +17,11 @@ import click
 @click.option("--data-root", default=None, help="Where the DICOM tree is now, if it moved since extraction.")
 @click.option("--threshold", type=float, default=None, help="Decision threshold (default: evaluate.threshold of the run).")
 @click.option("--show-phi", is_flag=True, help="Show PatientName/PatientID/PatientBirthDate and real scan ids (off by default).")
-def report(run_dir, out_dir, scans, cache_path, data_root, threshold, show_phi):
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config for the report section (top_k, thumb_size, display_size).")
+@set_option
+@progress_option
+def report(run_dir, out_dir, scans, cache_path, data_root, threshold, show_phi, config_path, settings, progress):
     """Write a self-contained HTML page and a PNG per scan, plus a sortable index.html.
 
     \b
@@ -27,16 +33,15 @@ def report(run_dir, out_dir, scans, cache_path, data_root, threshold, show_phi):
     (e.g. CQ500-CT-n) are replaced by a pseudonym scan-<sha256 prefix>.
     """
     from cache.store import CacheError
-    from pipeline.config import load_config
     from pipeline.features.encoder import EncoderError
     from pipeline.report.build import ReportError, load_run_source, write_reports
 
     try:
         source = load_run_source(run_dir, cache_path=cache_path, threshold=threshold)
         source.data_root = data_root
-        sizes = load_config(None)["report"]
+        sizes = load_stage_config(config_path, {}, settings)["report"]
         summary = write_reports(source, out_dir, scan_ids=list(scans), show_phi=show_phi, sizes=sizes,
-                                progress=lambda label: click.echo(f"report: {label}"))
+                                progress=progress)
     except (ReportError, CacheError, EncoderError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     for fail in summary["failed"]:

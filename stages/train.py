@@ -6,13 +6,30 @@ import sys
 
 import click
 
-from pipeline.config import ConfigError, load_config
+from stages.options import StageError, load_stage_config, parse_settings, progress_option, set_option
+
+__all__ = ["StageError", "train"]
 
 
-class StageError(click.ClickException):
-    """A clean refusal: message on stderr, exit code 2, no traceback."""
+# Extraction settings a cache records; `drct train` takes them from the cache unless the config
+# file or --set gives them (a head is trained on whatever vectors the cache holds).
+CACHE_SETTINGS = ("weights", "resolutions", "windows", "aps_source")
 
-    exit_code = 2
+
+def settings_from_cache(config: dict, provenance: dict, config_path, settings: dict) -> list[str]:
+    """Fill config["extract"] from the cache's provenance where the user did not set a field;
+    returns the fields taken ("name=value")."""
+    from stages.options import config_sets
+
+    taken = []
+    for field in CACHE_SETTINGS:
+        key = f"extract.{field}"
+        if key in settings or config_sets(config_path, key) or provenance.get(field) is None:
+            continue
+        if config["extract"].get(field) != provenance[field]:
+            config["extract"][field] = provenance[field]
+            taken.append(f"{field}={provenance[field]}")
+    return taken
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,15 +46,17 @@ class StageError(click.ClickException):
               help="k of the patient-grouped k-fold cross-validation [train.folds].")
 @click.option("--fold", type=click.IntRange(min=0), default=None, help="Train only this fold (0-based) [train.fold].")
 @click.option("--seed", type=int, default=None, help="Seed of split, initialisation and sampling [train.seed].")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Any other config value, e.g. --set model.m_key=8 --set train.loss=bce (YAML value).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(config_path, cache_path, out_dir, model, epochs, folds, fold, seed, settings, quiet):
+@click.option("--live", "live_dir", type=click.Path(file_okay=False), default=None,
+              help="Also log per-epoch loss, validation macro-F1 and AUC per fold with dvclive into this folder.")
+@set_option
+@progress_option
+def train(config_path, cache_path, out_dir, model, epochs, folds, fold, seed, live_dir, settings, progress):
     """Train DrCT heads with patient-grouped k-fold cross-validation on a feature cache.
 
     The whole cache is loaded into memory once; each batch gathers the sampled slices' 224
     vectors (primary network) and the m_key selected slices' 512 vectors (APS "zoom in").
-    The cache's provenance must match the config's extract section, else exit code 2.
+    Extraction settings (weights, resolutions, windows, aps_source) come from the cache unless the
+    config file or --set gives them; given ones must match the cache's provenance, else exit code 2.
 
     \b
     Writes OUT/config.yaml, OUT/run.json, OUT/fold_<k>/checkpoint.pt, OUT/fold_<k>/history.json
@@ -49,8 +68,6 @@ def train(config_path, cache_path, out_dir, model, epochs, folds, fold, seed, se
     (Fig. 6); --set model.aps_resolution=first (APS on 224 vectors, Table 4);
     --set train.loss=bce (Table 2).
     """
-    import yaml
-
     overrides = {
         "model.name": model,
         "train.epochs": epochs,
@@ -58,24 +75,30 @@ def train(config_path, cache_path, out_dir, model, epochs, folds, fold, seed, se
         "train.fold": fold,
         "train.seed": seed,
     }
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise StageError(f"--set expects KEY=VALUE, got '{item}'")
-        overrides[key.strip()] = yaml.safe_load(value)
-    try:
-        config = load_config(config_path, overrides)
-    except ConfigError as exc:
-        raise StageError(str(exc)) from None
+    given = parse_settings(settings)
+    config = load_stage_config(config_path, overrides, settings)
     cache_path = cache_path or config["extract"]["out"]
     out_dir = out_dir or config["train"]["out"]
 
-    from cache.store import CacheError
+    from cache.store import CacheError, FeatureCache
     from pipeline.training.folds import FoldError
     from pipeline.training.trainer import TrainingError, run_training
 
+    logger = None
     try:
-        info = run_training(config, cache_path, out_dir, progress=not quiet, log=lambda s: click.echo(s, err=True))
-    except (CacheError, TrainingError, FoldError, ValueError) as exc:
+        with FeatureCache(cache_path) as cache:
+            taken = settings_from_cache(config, dict(cache.provenance), config_path, given)
+        if taken:
+            click.echo(f"extraction settings from the cache: {', '.join(taken)}", err=True)
+        if live_dir:
+            from pipeline.training.live import EpochLogger
+
+            logger = EpochLogger(live_dir)
+        info = run_training(config, cache_path, out_dir, progress=progress, log=lambda s: click.echo(s, err=True),
+                            on_epoch=logger)
+    except (CacheError, TrainingError, FoldError, ValueError, OSError) as exc:
         raise StageError(str(exc)) from None
+    finally:
+        if logger is not None:
+            logger.close()
     click.echo(f"trained {info['model']} on folds {info['folds_run']} of {info['folds']}; run in {out_dir}", file=sys.stdout)

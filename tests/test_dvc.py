@@ -1,11 +1,15 @@
 """The DVC pipeline end to end on a tiny phantom, in a temporary git repository.
 
-Proves: `dvc repro` from clean produces metrics and reports; a second `dvc repro` is a no-op;
-a head-parameter experiment (`dvc exp run -S train.lr_primary=...`) reruns train/evaluate/report
-but never data or extract, and no CNN forward happens in train or evaluate (every Conv2d call of
-every Python process is logged by a sitecustomize hook; the report stage's heatmaps of the five
-top slices are the only convolutions allowed); `dvc exp show` lists the experiment with metrics.
-Also checks the static contract of dvc.yaml and the real-data configs without running DVC.
+Proves: `dvc repro` from clean produces metrics, dvclive training curves, the m_key sweep and
+reports; a second `dvc repro` is a no-op; a head-parameter experiment (`dvc exp run -S
+train.lr_primary=...`) reruns train/evaluate/interpret/report but never data, extract or the
+sweep, and no CNN forward happens in train or evaluate (every Conv2d call of every Python process
+is logged by a sitecustomize hook; the report stage's heatmaps of the five top slices are the
+only convolutions allowed); README ablations work with -S; `dvc exp show` lists the experiment
+with metrics and only params.yaml's params; `dvc metrics diff` compares with the committed
+baseline; `dvc plots show` renders offline with the PNGs as images.
+Also checks the static contract of dvc.yaml, the committed baseline and the real-data configs
+without running DVC.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ TINY_PARAMS = {
     "extract": {"resolutions": [32, 64], "weights": "random:0", "aps_source": "upsampled", "workers": 0,
                 "batch_size": 64},
     "sampler": {"m": 8},
-    "model": {"name": "drct2", "m_key": 4},
+    "model": {"name": "drct2", "m_key": 4, "aps_selection": "attention", "aps_resolution": "last"},
     "train": {"loss": "mse_mse_bce", "lr_primary": 0.0005, "lr_aps": 0.0003, "lr_fusion": 0.0005, "epochs": 1,
               "batch_size": 4, "folds": 2},
     "evaluate": {"threshold": 0.5},
@@ -107,6 +111,67 @@ def test_extract_never_depends_on_head_code_or_keys():
     assert not any(k.split(".")[0] in ("model", "train", "sampler", "evaluate") for k in extract_keys)
     train_deps = stages["train"]["deps"]
     assert not any(d in ("pipeline/features", "pipeline/data") or d.startswith("pipeline/data") for d in train_deps)
+
+
+def test_params_come_from_params_yaml_only():
+    """`dvc exp show` lists only params.yaml's keys: no stage lists another params file, and the
+    head stages depend on configs/defaults.yaml as a file instead (extract never does)."""
+    stages = dvc_yaml()["stages"]
+    for name, stage in stages.items():
+        assert all(isinstance(entry, str) for entry in stage.get("params", [])), name
+    assert "configs/defaults.yaml" in stages["train"]["deps"] and "configs/defaults.yaml" in stages["sweep"]["deps"]
+    assert "configs/defaults.yaml" not in stages["extract"]["deps"]
+    # every key that changes the vectors is written out in params.yaml (extract tracks its sections)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert {"dataset", "extract"} <= set(stages["extract"]["params"])
+    for key in ("resolutions", "weights", "aps_source", "windows", "precision"):
+        assert key in params["extract"], key
+    assert "scan_labels" in params["dataset"]
+
+
+def test_readme_ablations_work_with_S():
+    """-S only modifies keys that exist in params.yaml: every ablation the README names is there."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    readme = (REPO / "README.md").read_text()
+    keys = {"model.aps_selection", "model.aps_resolution", "train.loss", "model.name", "model.m_key", "train.lr_primary"}
+    for key in keys:
+        assert key in readme, key
+        lookup(params, key)
+    tracked = {k.split(".")[0] for k in dvc_yaml()["stages"]["train"]["params"]}
+    assert {"model", "train", "sampler"} <= tracked
+
+
+def test_head_experiments_do_not_rerun_the_sweep():
+    stages = dvc_yaml()["stages"]
+    assert "--train-sweep" not in stages["interpret"]["cmd"]
+    assert "runs/drct" not in stages["sweep"]["deps"]
+    assert not any(str(p).startswith(("train", "model")) for p in stages["sweep"]["params"])
+
+
+def test_progress_is_shown_under_dvc():
+    for name, stage in dvc_yaml()["stages"].items():
+        assert "--no-progress" not in stage["cmd"] and "--quiet" not in stage["cmd"], name
+
+
+def test_committed_baseline():
+    """dvc.lock and every small cache: false output (metrics, plot tables and images) are in git,
+    so `dvc exp show` / `dvc metrics diff` compare against the demo's baseline; PNGs are image plots."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    stages = dvc_yaml()["stages"]
+    assert set(lock["stages"]) == set(stages)
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split())
+    for name, stage in stages.items():
+        for section in ("metrics", "plots"):
+            for entry in stage.get(section, []):
+                path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+                assert options.get("cache") is False, (name, path)
+                if (REPO / path).is_dir():
+                    assert any(t.startswith(path + "/") for t in tracked), path
+                else:
+                    assert path in tracked, path
+    pngs = [next(iter(e)) for st in stages.values() for e in st.get("plots", []) if str(next(iter(e))).endswith(".png")]
+    assert len(pngs) >= 3
+    assert "dvc_plots/" in (REPO / ".gitignore").read_text()
 
 
 @pytest.mark.parametrize("config", ["params.yaml", "configs/cq500.yaml", "configs/rsna.yaml"])
@@ -150,7 +215,7 @@ def _copy_tree(dest: Path) -> None:
         if name.startswith(keep) and (REPO / name).is_file() and "__pycache__" not in name:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
-    (dest / ".gitignore").write_text("/data/\n/features/\n/runs/\n/reports/\n__pycache__/\n")
+    (dest / ".gitignore").write_text("/data/\n/features/\n/runs/\n/reports/\n__pycache__/\ndvc_plots/\n")
 
 
 def _sha(path: Path) -> str:
@@ -191,14 +256,21 @@ def test_dvc_repro_and_head_experiment(tmp_path):
     run("git", "commit", "-qm", "tiny pipeline")
 
     out = run(str(DVC), "repro")
-    for stage in ("data", "extract", "train", "evaluate", "interpret", "report"):
+    for stage in ("data", "extract", "train", "evaluate", "interpret", "sweep", "report"):
         assert f"Running stage '{stage}'" in out
+    assert "slice/s" in out  # extract's progress bar (rate and ETA) reaches the DVC log
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
     assert metrics  # the evaluate stage wrote its metrics
     assert (repo / "reports/drct/index.html").is_file()
     interpretation = json.loads((repo / "metrics/interpret/interpret.json").read_text())
     assert {"easy", "difficult", "comprehensive"} <= set(interpretation["tasks"])
-    assert len(interpretation["mkey_sweep"]) == 1 + 2 * 2  # the run itself + 2 m_key x (attention, random)
+    sweep = json.loads((repo / "metrics/sweep/sweep.json").read_text())
+    assert len(sweep["points"]) == 2 * 2  # 2 m_key x (attention, random), mean and std over folds
+    assert all(set(p) == {"macro_f1", "macro_f1_std"} for p in sweep["points"].values())
+    live = json.loads((repo / "metrics/train/metrics.json").read_text())
+    assert {"loss", "val_macro_f1", "val_macro_auc"} <= set(live["fold0"]) and "fold1" in live
+    curve = (repo / "metrics/train/plots/metrics/fold1/val_macro_f1.tsv").read_text().splitlines()
+    assert curve[0].split("\t") == ["step", "val_macro_f1"] and len(curve) == 1 + TINY_PARAMS["train"]["epochs"]
     cache = repo / "features/features.h5"
     cache_hash, cache_mtime = _sha(cache), cache.stat().st_mtime_ns
     # positive control: the hook sees the stage-one CNN
@@ -212,7 +284,7 @@ def test_dvc_repro_and_head_experiment(tmp_path):
 
     out = run(str(DVC), "exp", "run", "-S", "train.lr_primary=0.002", "-n", "lr2")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
-    assert ran == {"train", "evaluate", "interpret", "report"}
+    assert ran == {"train", "evaluate", "interpret", "report"}  # never data, extract or the sweep
     assert _sha(cache) == cache_hash and cache.stat().st_mtime_ns == cache_mtime
     commands = {line.split(" ", 1)[1] for line in conv_processes()}
     assert commands <= {"drct report"}, f"a CNN forward outside the report heatmaps: {commands}"
@@ -220,6 +292,21 @@ def test_dvc_repro_and_head_experiment(tmp_path):
     table = run(str(DVC), "exp", "show", "--csv", "--no-pager")
     rows = list(csv.DictReader(io.StringIO(table[table.index("Experiment"):])))
     lr2 = [row for row in rows if row.get("Experiment") == "lr2"]
-    assert lr2 and lr2[0]["params.yaml:train.lr_primary"] == "0.002"
+    lr_column = next(c for c in rows[0] if c.endswith("train.lr_primary"))
+    assert lr2 and lr2[0][lr_column] == "0.002"
     f1_columns = [c for c in rows[0] if "macro_f1" in c]
     assert f1_columns and all(lr2[0][c] not in ("", "-") for c in f1_columns)
+    # only params.yaml's keys are params: none of configs/defaults.yaml's other keys is a column
+    assert not any(c.endswith(("model.gru_hidden", "train.eval_batch_size", "extract.decode_chunk", "report.top_k"))
+                   for c in rows[0])
+    assert not any(c.startswith("configs/defaults.yaml:") for c in rows[0])
+
+    diff = run(str(DVC), "metrics", "diff")  # the committed baseline (HEAD) vs the experiment in the workspace
+    assert "failed to load" not in diff and "macro_f1" in diff
+    out = run(str(DVC), "exp", "run", "-S", "model.aps_selection=random", "-n", "randomsel")  # README ablation
+    assert "Running stage 'train'" in out and "Running stage 'sweep'" not in out
+
+    run(str(DVC), "plots", "show", "--out", "dvc_plots")
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    assert "pr_curves.png" in page and "mkey_sweep.png" in page and "val_macro_f1" in page
+    assert (repo / "dvc_plots" / "static").is_dir()

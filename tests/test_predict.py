@@ -47,8 +47,15 @@ def test_predict_writes_csv_and_reports(dicom_dir, tmp_path):
     assert result.exit_code == 0, result.output
     with open(out / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 2 and [row["n_slices"] for row in rows] == ["6", "6"] and list(rows[0]) == ["scan", "n_slices", *RSNA_LABELS]
+    assert len(rows) == 2 and [row["n_slices"] for row in rows] == ["6", "6"]
+    assert list(rows[0]) == ["scan", "status", "source_folder", "study_uid", "n_slices", *RSNA_LABELS,
+                             *(f"{n}_label" for n in RSNA_LABELS), "findings", "reason"]
     assert all(0.0 <= float(row[name]) <= 1.0 for row in rows for name in RSNA_LABELS)
+    assert {row["source_folder"] for row in rows} == {"a", "b"} and all(row["status"] == "predicted" for row in rows)
+    for row in rows:  # thresholded labels agree with the probabilities at the checkpoint's threshold (0.5)
+        assert [int(row[f"{n}_label"]) for n in RSNA_LABELS] == [int(float(row[n]) >= 0.5) for n in RSNA_LABELS]
+        assert row["findings"] == ";".join(n for n in RSNA_LABELS if float(row[n]) >= 0.5)
+    assert not list(out.glob("*.lock")), "predict left a lock file behind"
     summary = json.loads((out / "reports" / "reports.json").read_text())
     assert len(summary["scans"]) == 2 and not summary["failed"]
     for name in ("PAT-A", "PAT-B"):
@@ -60,6 +67,48 @@ def test_predict_writes_csv_and_reports(dicom_dir, tmp_path):
     assert again.exit_code == 0, again.output
     with open(out / "predictions.csv") as handle:
         assert list(csv.DictReader(handle)) == rows
+
+
+def test_predict_run_uses_the_fold_ensemble_and_lists_rejects(dicom_dir, tmp_path):
+    """--run RUN_DIR: the mean of the fold models' probabilities; study UID and rejected files in the CSV."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(1)
+    run = tmp_path / "run"
+    for fold in (0, 1):
+        torch.manual_seed(fold + 10)
+        _checkpoint(run / f"fold_{fold}" / "checkpoint.pt")
+    data = tmp_path / "dicom"
+    shutil.copytree(dicom_dir, data)
+    (data / "a" / "broken.dcm").write_bytes(b"not a dicom file")
+    probs = {}
+    for name, args in (("run", ["--run", str(run)]), ("f0", ["--checkpoint", str(run / "fold_0" / "checkpoint.pt")]),
+                       ("f1", ["--checkpoint", str(run / "fold_1" / "checkpoint.pt")])):
+        out = tmp_path / f"out_{name}"
+        result = CliRunner().invoke(main, ["predict", str(data), *args, "--out", str(out), "--device", "cpu",
+                                           "--no-reports", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        with open(out / "predictions.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        predicted = [r for r in rows if r["status"] == "predicted"]
+        probs[name] = np.array([[float(r[n]) for n in RSNA_LABELS] for r in predicted])
+        rejected = [r for r in rows if r["status"] == "rejected"]
+        assert len(rejected) == 1 and rejected[0]["source_folder"] == "a" and rejected[0]["reason"].startswith("broken.dcm: ")
+        assert {r["study_uid"] for r in predicted} and all(r["study_uid"] for r in predicted)
+    assert not np.allclose(probs["f0"], probs["f1"], atol=1e-4)
+    np.testing.assert_allclose(probs["run"], (probs["f0"] + probs["f1"]) / 2, atol=2e-6)
+    meta = json.loads((tmp_path / "out_run" / "predictions.json").read_text())
+    assert len(meta["checkpoints"]) == 2 and meta["ensemble"].startswith("mean")
+
+
+def test_predict_needs_run_or_checkpoint(dicom_dir, tmp_path):
+    result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--run RUN_DIR" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--run", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "fold_<k>/checkpoint.pt" in result.output
 
 
 @pytest.mark.parametrize(

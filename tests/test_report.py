@@ -90,7 +90,7 @@ def _check_reports(summary, source, out: Path, forbidden: list[str]):
         page = html_path.read_text()
         text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
         m = source.sample_idx.shape[1]
-        assert len(re.findall(r'<img src="data:image/png;base64,', page)) == m + 5
+        assert len(re.findall(r'<img src="data:image/png;base64,', page)) == m + 2 * 5
         assert "http://" not in page and "https://" not in page
         for word in forbidden:
             assert word.lower() not in text.lower(), word
@@ -174,7 +174,7 @@ def test_html_report_renders_in_chromium(real_cq500_run, tmp_path):
     match = re.search(r"IMAGES (\d+)/(\d+)", result.stdout)
     assert match, f"no image check in the DOM; chromium stderr: {result.stderr[-2000:]}"
     m = source.sample_idx.shape[1]
-    assert int(match.group(2)) == m + 5 and match.group(1) == match.group(2)
+    assert int(match.group(2)) == m + 2 * 5 and match.group(1) == match.group(2)
     json.dumps(summary)
 
 
@@ -203,3 +203,97 @@ def test_report_refuses_other_encoder_weights(phantom_run, tmp_path):
     (other / "run.json").write_text(json.dumps(meta))
     result = CliRunner().invoke(report_cmd, [str(other), "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "heat maps would not match" in result.output
+
+
+# -- a report a reader can trust (issue 12) -------------------------------------------------------
+
+
+def test_trust_banner_random_encoder_and_uniform_attention():
+    from pipeline.report.build import NOT_LEARNED, trust_banner
+
+    peaked = np.array([0.02] * 8 + [0.84])
+    assert NOT_LEARNED in trust_banner({"weights": "random:0"}, peaked) and "random:0" in trust_banner({"weights": "random:0"}, peaked)
+    assert trust_banner({"weights": "imagenet"}, peaked) is None
+    uniform = np.full(16, 1 / 16) + np.linspace(-0.01, 0.01, 16)
+    assert "near uniform" in trust_banner({"weights": "imagenet"}, uniform)
+    # a batch: warned when most scans are near uniform
+    assert trust_banner({"weights": "imagenet"}, np.stack([uniform] * 3)) is not None
+    assert trust_banner({"weights": "imagenet"}, np.stack([np.r_[0.9, [0.1 / 15] * 15]] * 3)) is None
+
+
+def test_index_shows_reference_labels_and_flags_false_negatives():
+    rows = [
+        IndexRow("hit", "scans/hit.html", np.array([0.9, 0.1]), ["ICH"], truth=np.array([1.0, 0.0])),
+        IndexRow("missed", "scans/missed.html", np.array([0.2, 0.1]), [], truth=np.array([1.0, 0.0])),
+        IndexRow("extra", "scans/extra.html", np.array([0.2, 0.8]), ["SDH"], truth=np.array([0.0, 0.0])),
+    ]
+    page = render_index(rows, ["ICH", "SDH"], 0.5, banner="This model has not learned usable features: x")
+    assert "reference labels" in page and "agreement" in page
+    assert page.count('<tr class="fn">') == 1 and 'href="scans/missed.html"' in page.split('<tr class="fn">')[1].split("</tr>")[0]
+    assert "missed: ICH" in page and "extra: SDH" in page and '<td class="correct">correct</td>' in page
+    assert "1 of 3 scans" in page and "1 scan(s) with a missed finding" in page
+    assert 'id="banner"' in page and "not a diagnosis" in page
+    # new scans (predict): no reference columns
+    plain = render_index([IndexRow("n", "scans/n.html", np.array([0.2, 0.8]), ["SDH"])], ["ICH", "SDH"], 0.5)
+    assert "agreement" not in plain and "No reference labels" in plain
+
+
+def test_scan_page_is_decision_support_with_axis_mm_and_colour_bar(phantom_run, tmp_path):
+    run_dir, _index = phantom_run
+    source = load_run_source(run_dir)
+    summary = write_reports(source, tmp_path / "out")
+    page = Path(summary["scans"][0]["html"]).read_text()
+    assert "decision support" in page.lower() and "diagnostic report" not in page.lower()
+    assert 'id="banner"' in page and "has not learned usable features" in page  # random:0 encoder
+    assert 'id="attention-axis"' in page and 'class="ytitle">attention' in page and 'class="uniform"' in page
+    assert 'id="colour-bar"' in page and "linear-gradient(to right,#" in page
+    # slice positions in mm: the sampled slices' z from the cache, relative to the scan's first slice
+    z = np.asarray(source.cache.table.z[source.cache.table.rows(0)], float)
+    first_top = summary["scans"][0]["top_positions"][0]
+    mm = abs(z[source.sample_idx[0][first_top]] - z[0])
+    assert f"z {mm:.1f} mm (position {first_top + 1})" in page
+    index_page = (tmp_path / "out" / "index.html").read_text()
+    assert 'id="banner"' in index_page and "reference labels" in index_page
+
+
+def test_html_is_escaped_by_the_templates(phantom_run, tmp_path):
+    from pipeline.report.render import render_html
+
+    run_dir, _ = phantom_run
+    source = load_run_source(run_dir)
+    source.label_names = ["<script>alert(1)</script>", *source.label_names[1:]]
+    summary = write_reports(source, tmp_path / "out")
+    page = Path(summary["scans"][0]["html"]).read_text()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert callable(render_html)
+
+
+def test_report_pages_screenshot_in_headless_chromium(phantom_run, tmp_path):
+    """The scan page and the index, rendered by a real browser into PNG screenshots: the pages
+    are not blank, the warning banner's colour and the activation colour map are on screen."""
+    from PIL import Image
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("headless Chromium not installed (Debian: apt-get install -y chromium)")
+    run_dir, _ = phantom_run
+    summary = write_reports(load_run_source(run_dir), tmp_path / "out")
+    for name, page in (("scan", Path(summary["scans"][0]["html"])), ("index", Path(summary["index"]))):
+        shot = tmp_path / f"{name}.png"
+        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--no-first-run", f"--user-data-dir={tmp_path / ('profile-' + name)}", "--hide-scrollbars",
+               "--window-size=1400,1600", f"--screenshot={shot}", page.as_uri()]
+        result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+        assert shot.is_file(), f"no screenshot; chromium stderr: {result.stderr[-2000:]}"
+        image = np.asarray(Image.open(shot).convert("RGB"))
+        assert image.shape[:2] == (1600, 1400)
+        colours = {tuple(c) for c in image.reshape(-1, 3)[::7]}
+        assert len(colours) > 50, f"{name} page looks blank ({len(colours)} colours)"
+        banner = np.all(image == (0xFF, 0xF3, 0xCD), axis=-1)  # the banner's background
+        assert banner.sum() > 5000, f"{name}: the warning banner is not visible"
+        if name == "scan":
+            from pipeline.report.render import colour_stops
+
+            hot = tuple(int(colour_stops()[-1][k:k + 2], 16) for k in (1, 3, 5))  # top of the colour bar
+            near = np.abs(image.astype(int) - np.array(hot)).sum(axis=-1) < 30
+            assert near.sum() > 20, "the activation colour bar is not on screen"

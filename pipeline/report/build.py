@@ -29,7 +29,7 @@ from cache.store import FeatureCache
 from pipeline.features.encoder import load_encoder
 from pipeline.features.preprocess import preprocess_slice
 from pipeline.interpret import top_positions
-from pipeline.report.heatmap import conv_maps, display_image, overlay, upsample, weighted_map
+from pipeline.report.heatmap import conv_maps, display_image, upsample, weighted_map
 from pipeline.report.index import IndexRow, write_index
 from pipeline.report.render import ScanReport, TopSlice, write_report
 
@@ -38,6 +38,30 @@ BRAIN_WINDOW = (40.0, 80.0)
 # highlight never colours the background (coarse conv maps spill over the skull at 7x7).
 BODY_STEP = (-200.0, 1.0)
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate")
+# Slice attention counts as near uniform when no sampled slice gets UNIFORM_RATIO times the
+# uniform share 1/m: the model then does not single out any slice (nothing learned to look at).
+UNIFORM_RATIO = 1.5
+NOT_LEARNED = "This model has not learned usable features"
+
+
+def near_uniform(attention: np.ndarray) -> bool:
+    attention = np.asarray(attention, np.float64)
+    return bool(len(attention)) and float(attention.max()) * len(attention) < UNIFORM_RATIO
+
+
+def trust_banner(provenance: dict, attention: np.ndarray) -> str | None:
+    """The warning a page must carry when its model cannot have learned usable features: a random
+    encoder (weights random:SEED) or slice attention near uniform (one scan: (m,); a batch: (n, m),
+    warned when most scans are near uniform); None otherwise."""
+    weights = str(provenance.get("weights") or "")
+    if weights.startswith("random:"):
+        return (f"{NOT_LEARNED}: the image encoder is an untrained VGG16 ({weights}), so its features carry no "
+                "learned meaning. Probabilities and highlighted areas here are not evidence of disease.")
+    attention = np.atleast_2d(np.asarray(attention, np.float64))
+    if attention.size and np.mean([near_uniform(a) for a in attention]) > 0.5:
+        return (f"{NOT_LEARNED}: its slice attention is near uniform (no slice gets {UNIFORM_RATIO:g}x the "
+                "uniform share), so it does not single out any slice. Do not read the highlighted slices as findings.")
+    return None
 
 
 class ReportError(RuntimeError):
@@ -170,14 +194,17 @@ class HeatmapEncoder:
         return np.stack([upsample(weighted_map(maps[i], weights[i]), display_size) for i in range(len(hu_slices))])
 
 
-def _slice_paths(source: ReportSource, i: int) -> tuple[list[Path], int]:
+def _slice_paths(source: ReportSource, i: int) -> tuple[list[Path], int, np.ndarray]:
+    """DICOM paths, slice count and z in mm from the first slice (z order) of scan i."""
     cache = source.cache
     index = cache.index_of(str(source.scan_id[i]))
     table = cache.table
     rows = table.rows(index)
     root = Path(source.data_root or cache.attrs.get("data_root") or ".")
     paths = [_resolve(str(p), root) for p in table.path[rows]]
-    return paths, int(table.n_slices[index])
+    z = np.asarray(table.z[rows], np.float64)
+    z_mm = np.abs(z - z[0]) if len(z) else z
+    return paths, int(table.n_slices[index]), z_mm
 
 
 def build_scan_report(
@@ -191,7 +218,7 @@ def build_scan_report(
     k: int = 5,
 ) -> ScanReport:
     """The report of scan i of `source` (reads its m sampled DICOM slices, runs the encoder on the top k)."""
-    paths, n_slices = _slice_paths(source, i)
+    paths, n_slices, z_mm = _slice_paths(source, i)
     sample = source.sample_idx[i]
     if sample.max() >= n_slices or sample.min() < 0:
         raise ReportError(f"scan {source.scan_id[i]!r}: sampled slice index out of range of its {n_slices} slices")
@@ -206,15 +233,15 @@ def build_scan_report(
     thumbs = np.stack([display_image(hu[int(idx)], BRAIN_WINDOW, thumb_size) for idx in sample])
     top = top_positions(attention, k)
     heat = encoder([hu[int(sample[p])] for p in top], source.feature_attention[i][top].astype(np.float32), display_size)
+    sample_mm = z_mm[sample] if len(z_mm) == n_slices and np.isfinite(z_mm).all() else None
     top_slices = [
         TopSlice(
             position=int(p),
             slice_index=int(sample[p]),
             attention=float(attention[p]),
-            image=overlay(
-                display_image(hu[int(sample[p])], BRAIN_WINDOW, display_size),
-                heat[r] * display_image(hu[int(sample[p])], BODY_STEP, display_size),
-            ),
+            raw=display_image(hu[int(sample[p])], BRAIN_WINDOW, display_size),
+            heat=heat[r] * display_image(hu[int(sample[p])], BODY_STEP, display_size),
+            z_mm=None if sample_mm is None else float(sample_mm[p]),
         )
         for r, p in enumerate(top)
     ]
@@ -237,6 +264,8 @@ def build_scan_report(
         provenance=dict(source.info),
         phi=phi,
         n_slices=n_slices,
+        z_mm=sample_mm,
+        banner=trust_banner(source.provenance, attention),
     )
 
 
@@ -246,7 +275,7 @@ def write_reports(
     scan_ids: Sequence[str] | None = None,
     show_phi: bool = False,
     read_hu: Callable[[str], np.ndarray] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: bool | Callable[[str], None] | None = None,
     sizes: dict | None = None,
 ) -> dict:
     """Write one HTML + PNG per scan and index.html; returns {"index": path, "scans": [...], "failed": [...]}.
@@ -266,7 +295,14 @@ def write_reports(
     indices = list(range(len(source.scan_id))) if not scan_ids else [source.index_of(s) for s in scan_ids]
     encoder = HeatmapEncoder(source.provenance)
     rows, written, failed, used = [], [], [], set()
+    bar = None
+    if progress is True:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(indices), unit="report", desc="reports")
     for i in indices:
+        if bar is not None:
+            bar.update(1)
         label = display_label(source.scan_id[i], source.patient_id[i], show_phi)
         try:
             report = build_scan_report(source, i, encoder, read_hu, show_phi=show_phi, **options)
@@ -278,12 +314,16 @@ def write_reports(
             stem += "_"
         used.add(stem)
         html_path, png_path = write_report(report, out_dir / "scans", stem)
-        rows.append(IndexRow(label=label, href=f"scans/{html_path.name}", prob=report.prob, findings=report.findings))
+        rows.append(IndexRow(label=label, href=f"scans/{html_path.name}", prob=report.prob, findings=report.findings,
+                             truth=report.truth))
         written.append({"scan": label, "html": str(html_path), "png": str(png_path),
                         "top_positions": [t.position for t in report.top]})
-        if progress:
+        if callable(progress):
             progress(label)
-    index = write_index(out_dir / "index.html", rows, source.label_names, source.threshold)
+    if bar is not None:
+        bar.close()
+    index = write_index(out_dir / "index.html", rows, source.label_names, source.threshold,
+                        banner=trust_banner(source.provenance, source.slice_attention[indices]))
     summary = {"index": str(index), "scans": written, "failed": failed}
     (out_dir / "reports.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -1,12 +1,14 @@
 """The index page of a batch of reports: one row per scan, sortable by any column.
 
-Sorting is a few lines of inline JavaScript (no external resource, like the reports): click a
-column header to sort by it, click again to reverse. Probabilities sort numerically.
+Where reference labels are known (a trained run's out-of-fold predictions), each row shows them,
+whether the model's calls agree, and flags false negatives (a missed finding is what a reader
+must not overlook). Rendered from templates/index.html.j2. Sorting is a few lines of inline
+JavaScript (no external resource, like the reports): click a column header to sort by it, click
+again to reverse. Probabilities sort numerically.
 """
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,20 @@ class IndexRow:
     href: str            # relative link to the scan's HTML report
     prob: np.ndarray     # (C,)
     findings: list[str]
+    truth: np.ndarray | None = None  # (C,) reference labels, NaN unknown; None: no labels
+
+
+def agreement(row: IndexRow, class_names: Sequence[str], threshold: float) -> dict:
+    """{known, missed (false-negative classes), extra (false-positive classes)} of one row."""
+    if row.truth is None:
+        return {"known": False, "missed": [], "extra": []}
+    truth = np.asarray(row.truth, np.float64)
+    known = ~np.isnan(truth)
+    called = np.asarray(row.prob) >= threshold
+    positive = np.nan_to_num(truth) > 0.5
+    missed = [n for n, k, c, t in zip(class_names, known, called, positive) if k and t and not c]
+    extra = [n for n, k, c, t in zip(class_names, known, called, positive) if k and c and not t]
+    return {"known": bool(known.any()), "missed": missed, "extra": extra}
 
 
 _SCRIPT = """
@@ -40,42 +56,37 @@ document.querySelectorAll('th[data-col]').forEach(function(th){
 """
 
 
-def render_index(rows: Sequence[IndexRow], class_names: Sequence[str], threshold: float, title: str = "") -> str:
-    e = html.escape
-    head = (
-        '<th data-col="0">scan</th><th data-col="1">findings</th>'
-        '<th data-col="2" data-type="num">max probability</th>'
-        + "".join(f'<th data-col="{3 + c}" data-type="num">{e(n)}</th>' for c, n in enumerate(class_names))
-    )
-    body = []
+def render_index(rows: Sequence[IndexRow], class_names: Sequence[str], threshold: float, title: str = "",
+                 banner: str | None = None) -> str:
+    from pipeline.report.render import render_template
+
+    has_truth = any(r.truth is not None for r in rows)
+    view, n_known, n_correct, n_fn = [], 0, 0, 0
     for row in rows:
-        peak = float(np.max(row.prob)) if len(row.prob) else 0.0
-        cells = "".join(
-            f'<td data-v="{float(p):.6f}" class="{"hit" if p >= threshold else ""}">{float(p):.3f}</td>' for p in row.prob
-        )
-        body.append(
-            f'<tr><td><a href="{e(row.href)}">{e(row.label)}</a></td><td>{e(", ".join(row.findings)) or "-"}</td>'
-            f'<td data-v="{peak:.6f}">{peak:.3f}</td>{cells}</tr>'
-        )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>DrCT2 reports {e(title)}</title>
-<style>
-body{{font-family:system-ui,Helvetica,Arial,sans-serif;margin:24px}} table{{border-collapse:collapse;font-size:13px}}
-td,th{{padding:3px 9px;border-bottom:1px solid #ddd;text-align:left}} th{{cursor:pointer;background:#f2f4f7}}
-td.hit{{color:#b01515;font-weight:600}}
-</style></head><body>
-<h1>DrCT2 reports {e(title)}</h1>
-<p>{len(rows)} scans; threshold {threshold:g}. Click a column header to sort.</p>
-<table id="scans"><thead><tr>{head}</tr></thead><tbody>
-{"".join(body)}
-</tbody></table>
-<script>{_SCRIPT}</script>
-</body></html>
-"""
+        a = agreement(row, class_names, threshold)
+        truth_text, text, css = "", "", ""
+        if a["known"]:
+            n_known += 1
+            truth = np.asarray(row.truth, np.float64)
+            truth_text = ", ".join(n for n, t in zip(class_names, truth) if t > 0.5) or "none"
+            parts = ([f"missed: {', '.join(a['missed'])}"] if a["missed"] else []) + (
+                [f"extra: {', '.join(a['extra'])}"] if a["extra"] else [])
+            text, css = ("; ".join(parts), "wrong") if parts else ("correct", "correct")
+            n_correct += not parts
+            n_fn += bool(a["missed"])
+        elif row.truth is not None:
+            truth_text, text = "unknown", "-"
+        view.append({"label": row.label, "href": row.href, "findings": list(row.findings), "prob": [float(p) for p in row.prob],
+                     "peak": float(np.max(row.prob)) if len(row.prob) else 0.0, "truth_text": truth_text,
+                     "agreement": text, "agreement_css": css, "missed": bool(a["missed"])})
+    return render_template("index.html.j2", rows=view, class_names=list(class_names), threshold=threshold, title=title,
+                           banner=banner, has_truth=has_truth, n_known=n_known, n_correct=n_correct, n_fn=n_fn,
+                           first_num=4 if has_truth else 2, script=_SCRIPT)
 
 
-def write_index(path: str | Path, rows: Sequence[IndexRow], class_names: Sequence[str], threshold: float, title: str = "") -> Path:
+def write_index(path: str | Path, rows: Sequence[IndexRow], class_names: Sequence[str], threshold: float, title: str = "",
+                banner: str | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_index(rows, class_names, threshold, title), encoding="utf-8")
+    path.write_text(render_index(rows, class_names, threshold, title, banner), encoding="utf-8")
     return path

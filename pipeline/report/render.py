@@ -1,21 +1,24 @@
-"""One scan's diagnostic report, as in the paper's Figure 2: a self-contained HTML page and a PNG.
+"""One scan's decision-support page, as in the paper's Figure 2: a self-contained HTML page and a PNG.
 
-Contents: all m sampled slices as thumbnails with the slice-attention histogram under them; the
-five highest-attention slices large, the suspicious area highlighted (see `heatmap`); the
-predicted diseases with probabilities and the threshold; model and cache provenance.
+Contents: a warning banner when the model cannot have learned usable features (random encoder,
+near-uniform slice attention); all m sampled slices as thumbnails with the slice-attention bar
+chart (axis, uniform-attention line, slice positions in mm) under them; the five highest-attention
+slices large, each beside its activation map with a colour bar (see `heatmap`); the model's
+calls with probabilities, threshold and reference labels; model and cache provenance.
 
-The HTML embeds every image as a ``data:image/png;base64`` URI and has no external resource,
-so a report can be mailed or archived as one file. Everything shown is passed in explicitly
-(`ScanReport`): this module never reads DICOM, so it cannot leak a header field by accident;
-patient identifiers appear only if the caller puts them into ``ScanReport.phi`` (``--show-phi``).
+The HTML comes from the Jinja2 templates in ``templates/`` (autoescaped) and embeds every image as
+a ``data:image/png;base64`` URI with no external resource, so a report can be mailed or archived
+as one file. Everything shown is passed in explicitly (`ScanReport`): this module never reads
+DICOM, so it cannot leak a header field by accident; patient identifiers appear only if the
+caller puts them into ``ScanReport.phi`` (``--show-phi``).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import matplotlib
@@ -23,8 +26,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.gridspec import GridSpec
 from PIL import Image
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+HEAT_CMAP = "inferno"
 
 
 @dataclass
@@ -32,7 +39,9 @@ class TopSlice:
     position: int          # position among the m sampled slices (0-based)
     slice_index: int       # index of the slice in the scan's z order (0-based)
     attention: float
-    image: np.ndarray      # (H, W, 3) uint8: the slice with the heat map overlaid
+    raw: np.ndarray        # (H, W) grey in [0, 1]: the slice in the brain window
+    heat: np.ndarray       # (H, W) activation map in [0, 1] (0 outside the head)
+    z_mm: float | None = None  # position along the slice normal, mm from the scan's first slice
 
 
 @dataclass
@@ -49,6 +58,8 @@ class ScanReport:
     provenance: dict = field(default_factory=dict)
     phi: dict | None = None             # {"PatientName": ..., ...} only with --show-phi
     n_slices: int | None = None         # slices in the whole scan
+    z_mm: np.ndarray | None = None      # (m,) position of each sampled slice, mm from the scan's first slice
+    banner: str | None = None           # why this model's output is not to be trusted, if it is not
 
     @property
     def findings(self) -> list[str]:
@@ -69,134 +80,146 @@ def data_uri(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#1d2430;background:#fff}
-h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:22px 0 8px}
-.strip{display:grid;gap:2px;align-items:end}
-.strip img{width:100%;display:block;image-rendering:auto;border:2px solid transparent;box-sizing:border-box}
-.strip img.top{border-color:#d62728}
-.bar{background:#7a9cc6;width:100%} .bar.top{background:#d62728}
-.hist{margin-top:6px;height:90px;display:grid;gap:2px;align-items:end;border-bottom:1px solid #999}
-.posn{font-size:9px;text-align:center;color:#555}
-.large{display:grid;grid-template-columns:repeat(5,minmax(0,256px));gap:10px}
-.large figure{margin:0;text-align:center;font-size:12px} .large img{width:100%;display:block}
-table{border-collapse:collapse;font-size:13px} td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}
-tr.positive td{font-weight:600;color:#b01515} .verdict{font-size:15px;margin:8px 0}
-.prov td{font-family:ui-monospace,monospace;font-size:11px;word-break:break-all}
-.note{color:#666;font-size:12px}
-"""
+def heat_rgb(heat: np.ndarray) -> np.ndarray:
+    """(H, W) activation in [0, 1] -> (H, W, 3) uint8 in the report's colour map."""
+    return np.round(255 * colormaps[HEAT_CMAP](np.clip(np.asarray(heat, np.float32), 0, 1))[..., :3]).astype(np.uint8)
+
+
+def colour_stops(n: int = 11) -> list[str]:
+    """CSS colours of the colour bar, sampled from the same colour map as the activation images."""
+    rgb = heat_rgb(np.linspace(0, 1, n)[None])[0]
+    return [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in rgb]
+
+
+def attention_ticks(peak: float) -> list[dict]:
+    """Three y-axis ticks (0, half, peak) of the attention bar chart as {pct, text}."""
+    return [{"pct": 100.0 * f, "text": f"{peak * f:.3f}"} for f in (0.0, 0.5, 1.0)]
+
+
+@lru_cache(maxsize=1)
+def _environment():
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+    return Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html", "j2"]),
+                       undefined=StrictUndefined, trim_blocks=False)
+
+
+def render_template(name: str, **context) -> str:
+    return _environment().get_template(name).render(**context)
+
+
+def _mm(values, j) -> float | None:
+    return None if values is None or not np.isfinite(values[j]) else float(values[j])
 
 
 def render_html(report: ScanReport) -> str:
-    """The self-contained HTML page of one scan."""
-    e = html.escape
+    """The self-contained HTML page of one scan (templates/report.html.j2)."""
     m = len(report.attention)
     top_positions = {t.position for t in report.top}
     peak = float(np.max(report.attention)) if m and np.max(report.attention) > 0 else 1.0
-    columns = f"grid-template-columns:repeat({m},minmax(0,1fr))"
-    thumbs = "".join(
-        f'<img src="{data_uri(report.thumbnails[j])}" alt="sampled slice {j + 1}" '
-        f'title="position {j + 1}, slice {int(report.slice_index[j]) + 1}, attention {report.attention[j]:.4f}"'
-        f'{" class=top" if j in top_positions else ""}>'
+    slices = [
+        {"n": j + 1, "slice": int(report.slice_index[j]) + 1, "attention": float(report.attention[j]),
+         "mm": _mm(report.z_mm, j), "top": j in top_positions, "uri": data_uri(report.thumbnails[j]),
+         "height": max(1.0, 100 * float(report.attention[j]) / peak)}
         for j in range(m)
-    )
-    bars = "".join(
-        f'<div class="bar{" top" if j in top_positions else ""}" '
-        f'style="height:{max(1.0, 100 * float(report.attention[j]) / peak):.1f}%" '
-        f'title="attention {report.attention[j]:.4f}"></div>'
-        for j in range(m)
-    )
-    positions = "".join(f'<div class="posn">{j + 1}</div>' for j in range(m))
-    large = "".join(
-        f'<figure><img src="{data_uri(t.image)}" alt="rank {r + 1}: slice {t.slice_index + 1}">'
-        f"<figcaption>#{r + 1}: slice {t.slice_index + 1} (position {t.position + 1}), "
-        f"attention {t.attention:.4f}</figcaption></figure>"
+    ]
+    top = [
+        {"rank": r + 1, "slice": t.slice_index + 1, "position": t.position + 1, "attention": t.attention,
+         "mm": t.z_mm, "raw": data_uri(t.raw), "heat": data_uri(heat_rgb(t.heat))}
         for r, t in enumerate(report.top)
-    )
+    ]
     rows = []
     for c, name in enumerate(report.class_names):
         p = float(report.prob[c])
+        called = p >= report.threshold
         truth = ""
+        css = "positive" if called else ""
         if report.truth is not None and not np.isnan(report.truth[c]):
-            truth = "positive" if report.truth[c] > 0.5 else "negative"
-        rows.append(
-            f'<tr class="{"positive" if p >= report.threshold else ""}"><td>{e(name)}</td><td>{p:.3f}</td>'
-            f"<td>{'yes' if p >= report.threshold else 'no'}</td><td>{e(truth)}</td></tr>"
-        )
-    findings = report.findings
-    verdict = (
-        "This patient may have the following diseases: " + e(", ".join(findings))
-        if findings
-        else "No finding above the threshold."
+            positive = report.truth[c] > 0.5
+            truth = "positive" if positive else "negative"
+            if positive and not called:
+                truth, css = "positive (missed by the model)", "missed"
+        rows.append({"name": name, "prob": p, "call": "yes" if called else "no", "truth": truth, "css": css})
+    return render_template(
+        "report.html.j2", r=report, m=m, slices=slices, top=top, rows=rows, yticks=attention_ticks(peak),
+        uniform_pct=min(100.0, 100.0 / max(m, 1) / peak), colour_stops=colour_stops(),
+        has_mm=report.z_mm is not None,
     )
-    prov = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in report.provenance.items())
-    phi = ""
-    if report.phi:
-        phi = "<h2>Patient (shown because --show-phi was given)</h2><table>" + "".join(
-            f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in report.phi.items()
-        ) + "</table>"
-    n_slices = f" of {report.n_slices}" if report.n_slices else ""
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>DrCT2 report {e(report.label)}</title>
-<style>{_CSS}</style></head><body>
-<h1>DrCT2 diagnostic report: {e(report.label)}</h1>
-<p class="verdict">{verdict}</p>
-<p class="note">Decision support only, not a diagnosis. Threshold {report.threshold:g}.</p>
-{phi}
-<h2>All {m} sampled slices{e(n_slices)} and the model's slice attention</h2>
-<div class="strip" style="{columns}">{thumbs}</div>
-<div class="hist" style="{columns}">{bars}</div>
-<div class="strip" style="{columns}">{positions}</div>
-<h2>The {len(report.top)} slices with the highest attention, suspicious area highlighted</h2>
-<div class="large">{large}</div>
-<p class="note">Highlight: last VGG16 convolution maps weighted by the model's feature attention (eq. 3) for that
-slice, rectified and normalised.</p>
-<h2>Predictions</h2>
-<table><tr><th>class</th><th>probability</th><th>&ge; {report.threshold:g}</th><th>reference label</th></tr>
-{"".join(rows)}</table>
-<h2>Provenance</h2><table class="prov">{prov}</table>
-</body></html>
-"""
+
+
+def _montage(images: list[np.ndarray], gap: int = 2) -> np.ndarray:
+    """(H, W, 3) uint8 images of one height side by side with white gaps (one axes draws them all:
+    a subplot per image costs matplotlib ~60 ms each)."""
+    spacer = np.full((images[0].shape[0], gap, 3), 255, np.uint8)
+    parts = []
+    for k, image in enumerate(images):
+        parts += [spacer, image] if k else [image]
+    return np.concatenate(parts, axis=1)
+
+
+def _grey_rgb(image: np.ndarray) -> np.ndarray:
+    return np.repeat(np.round(np.clip(np.asarray(image, np.float32), 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
 
 
 def render_png(report: ScanReport, path: str | Path, dpi: int = 100) -> Path:
-    """A Figure-2-like PNG: thumbnail strip, attention histogram, top-5 overlays, predictions."""
+    """A Figure-2-like PNG: thumbnail strip, attention bars (axis in mm where known), the top-k
+    slices each beside its activation map with a colour bar, the model's calls."""
+    from matplotlib.patches import Rectangle
+
     path = Path(path)
-    m = max(1, len(report.attention))
-    n_top = max(1, len(report.top))
-    fig = plt.figure(figsize=(max(12, 0.42 * m), 9.2))
-    grid = GridSpec(4, m, figure=fig, height_ratios=[1.0, 1.2, 4.0, 1.3], hspace=0.35, wspace=0.05)
+    m = len(report.attention)
+    fig = plt.figure(figsize=(14, 8.6))
+    grid = GridSpec(5, 2, figure=fig, height_ratios=[0.45, 1.0, 1.3, 3.4, 1.1], width_ratios=[1, 0.015],
+                    hspace=0.5, wspace=0.03)
     top_positions = {t.position for t in report.top}
-    for j in range(len(report.attention)):
-        ax = fig.add_subplot(grid[0, j])
-        ax.imshow(report.thumbnails[j], cmap="gray", vmin=0, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_color("#d62728" if j in top_positions else "#cccccc")
-            spine.set_linewidth(2 if j in top_positions else 0.5)
-    ax = fig.add_subplot(grid[1, :])
-    colours = ["#d62728" if j in top_positions else "#7a9cc6" for j in range(len(report.attention))]
-    ax.bar(np.arange(1, len(report.attention) + 1), report.attention, color=colours, width=0.85)
-    ax.set_xlim(0.5, len(report.attention) + 0.5)
-    ax.set_ylabel("attention", fontsize=8)
-    ax.tick_params(labelsize=7)
-    sub = grid[2, :].subgridspec(1, n_top, wspace=0.05)
-    for r, t in enumerate(report.top):
-        ax = fig.add_subplot(sub[0, r])
-        ax.imshow(t.image)
-        ax.set_title(f"#{r + 1}: position {t.position + 1}, slice {t.slice_index + 1}\nattention {t.attention:.3f}", fontsize=9)
+    banner = fig.add_subplot(grid[0, 0])
+    banner.axis("off")
+    if report.banner:
+        banner.text(0.5, 0.5, report.banner, ha="center", va="center", fontsize=9, wrap=True, color="#5c4000",
+                    bbox={"facecolor": "#fff3cd", "edgecolor": "#c98a00"}, transform=banner.transAxes)
+    if m:
+        ax = fig.add_subplot(grid[1, 0])
+        size, gap = report.thumbnails.shape[1], 2
+        ax.imshow(_montage([_grey_rgb(t) for t in report.thumbnails], gap))
+        for j in sorted(top_positions):
+            ax.add_patch(Rectangle((j * (size + gap) - 0.5, -0.5), size, size, fill=False, edgecolor="#d62728", linewidth=2))
         ax.axis("off")
-    ax = fig.add_subplot(grid[3, :])
+        ax = fig.add_subplot(grid[2, 0])
+        colours = ["#d62728" if j in top_positions else "#7a9cc6" for j in range(m)]
+        positions = np.arange(1, m + 1)
+        ax.bar(positions, report.attention, color=colours, width=0.85)
+        ax.axhline(1.0 / m, color="#333", linestyle="--", linewidth=0.8, label=f"uniform 1/{m}")
+        ax.set_xlim(0.5, m + 0.5)
+        ax.set_xticks(positions)
+        if report.z_mm is not None:
+            ax.set_xticklabels([f"{j}\n{z:.0f}" for j, z in zip(positions, report.z_mm)])
+            ax.set_xlabel("sampled slice position / z in mm from the first slice", fontsize=8)
+        else:
+            ax.set_xlabel("sampled slice position", fontsize=8)
+        ax.set_ylabel("slice attention", fontsize=8)
+        ax.legend(fontsize=7, loc="upper right")
+        ax.tick_params(labelsize=7)
+    if report.top:
+        ax = fig.add_subplot(grid[3, 0])
+        pairs = [_montage([_grey_rgb(t.raw), heat_rgb(t.heat)], 2) for t in report.top]
+        ax.imshow(_montage(pairs, 12))
+        width = pairs[0].shape[1] + 12
+        for r, t in enumerate(report.top):
+            where = f", z {t.z_mm:.1f} mm" if t.z_mm is not None else ""
+            ax.text(r * width + pairs[0].shape[1] / 2, -4, f"#{r + 1}: slice {t.slice_index + 1}{where}\n"
+                    f"attention {t.attention:.3f}  (slice | activation)", ha="center", va="bottom", fontsize=8)
+        ax.axis("off")
+        bar = fig.colorbar(plt.cm.ScalarMappable(cmap=HEAT_CMAP), cax=fig.add_subplot(grid[3, 1]))
+        bar.set_label("activation (0-1, per slice)", fontsize=7)
+        bar.ax.tick_params(labelsize=7)
+    ax = fig.add_subplot(grid[4, 0])
     ax.axis("off")
     findings = report.findings
-    verdict = (
-        "This patient may have the following diseases: " + ", ".join(findings) if findings else "No finding above the threshold."
-    )
+    verdict = "The model flags: " + ", ".join(findings) if findings else "No finding above the threshold."
     probs = "   ".join(f"{name} {float(p):.2f}" for name, p in zip(report.class_names, report.prob))
     ax.text(0, 0.75, verdict, fontsize=12, weight="bold", transform=ax.transAxes)
     ax.text(0, 0.35, f"{probs}   (threshold {report.threshold:g})", fontsize=8, transform=ax.transAxes)
-    fig.suptitle(f"DrCT2 report: {report.label}", fontsize=13)
+    fig.suptitle(f"DrCT2 decision support (not a diagnosis): {report.label}", fontsize=13)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

@@ -5,6 +5,7 @@ below). The CNN never runs here: the APS "zoom in" is a gather of 512-resolution
 Run directory::
 
     config.yaml   the merged config          run.json   cache, provenance, labels, folds, resolutions
+    MODEL_CARD.md data, folds, metrics, intended use and limits (pipeline/training/model_card.py)
     fold_<k>/checkpoint.pt, fold_<k>/history.json
     oof.npz       out-of-fold predictions with slice and feature attentions (see write_oof)
 
@@ -34,6 +35,7 @@ from pipeline.training.checkpoint import save_checkpoint
 from pipeline.training.dataset import CachedFeatures
 from pipeline.training.folds import assign_folds, patients_split_across_folds, read_folds_file
 from pipeline.training.losses import DrCTLoss
+from pipeline.training.model_card import write_model_card
 from pipeline.training.sampler import TRAIN_PHASES, epoch_plan, eval_positions, sample_positions
 
 
@@ -221,8 +223,12 @@ def run_training(
     out_dir: str | Path,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    on_epoch: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
-    """Cross-validated training as configured; writes and returns run.json's content."""
+    """Cross-validated training as configured; writes and returns run.json's content.
+
+    `on_epoch(fold, epoch, record)` is called after each epoch with the history record (losses,
+    val_macro_f1, val_macro_auc): the hook the dvclive logger (pipeline/training/live.py) uses."""
     t = config["train"]
     if t.get("threads"):
         torch.set_num_threads(int(t["threads"]))
@@ -288,6 +294,7 @@ def run_training(
     run_info["train_phases"] = train_phases
     restore_determinism = deterministic_mode(run_info["deterministic"])  # restored after the folds
     all_scans, all_folds, all_preds = [], [], []
+    histories: dict[int, list[dict]] = {}
     for fold in folds_run:
         torch.manual_seed(seed * 1000 + fold)
         rng = np.random.default_rng([seed, fold])
@@ -310,13 +317,17 @@ def run_training(
             stats = train_epoch(model, data, train_scans, m, batch_size, optimizer, loss_fn, rng, augment, bar,
                                 train_phases)
             preds = predict_scans(model, data, val_scans, m, eval_batch, seed)
-            val_f1 = classification_metrics(data.labels[val_scans], preds["prob"], names, threshold)["macro_f1"]
+            val = classification_metrics(data.labels[val_scans], preds["prob"], names, threshold)
+            val_f1 = val["macro_f1"]
             bar.set_postfix(loss=f"{stats['loss']:.4f}", val_macro_f1=f"{val_f1:.4f}")
             bar.close()
-            history.append({"epoch": epoch, **stats, "val_macro_f1": val_f1})
+            history.append({"epoch": epoch, **stats, "val_macro_f1": val_f1, "val_macro_auc": val["macro_auc"]})
+            if on_epoch is not None:
+                on_epoch(fold, epoch, history[-1])
         fold_dir = out / f"fold_{fold}"
         save_checkpoint(fold_dir / "checkpoint.pt", model, config, cache.provenance, names, fold)
         (fold_dir / "history.json").write_text(json.dumps(history, indent=1))
+        histories[fold] = history
         log(f"fold {fold}: {len(train_scans)} train / {len(val_scans)} validation scans, "
             f"loss {history[-1]['loss']:.4f}, validation macro-F1 {val_f1:.4f}")
         all_scans.append(val_scans)
@@ -328,5 +339,7 @@ def run_training(
     write_oof(out / "oof.npz", data, scans[order], np.concatenate(all_folds)[order], merged)
     restore_determinism()
     (out / "run.json").write_text(json.dumps(run_info, indent=1))
+    write_model_card(out, config, run_info, histories, data.labels[scans[order]].astype(np.float64),
+                     merged["prob"].astype(np.float64), np.concatenate(all_folds)[order])
     cache.close()
     return run_info

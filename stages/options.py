@@ -1,0 +1,118 @@
+"""Options every stage command shares, so that the CLI has one style.
+
+* ``--set KEY=VALUE`` (repeatable) on every command that reads a config: any config value, the
+  value parsed as YAML; unknown keys are refused with a "did you mean" (pipeline.config).
+* ``--progress/--no-progress`` on every command with a progress bar (``--quiet`` is a hidden alias
+  of ``--no-progress`` kept for old scripts).
+* ``StageError``: a refusal of bad input, message on stderr, exit code 2, no traceback.
+* ``guess_layout``: the dataset layout of a DICOM tree from its file names, with the reason.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import click
+
+
+class StageError(click.ClickException):
+    """A clean refusal: message on stderr, exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+def did_you_mean(value: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or ''."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class SuggestingChoice(click.Choice):
+    """click.Choice whose error names the closest valid value."""
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        self.fail(f"{value!r} is not one of {', '.join(map(repr, self.choices))}{did_you_mean(value, self.choices)}",
+                  param, ctx)
+
+
+def _quiet(ctx: click.Context, _param, value: bool) -> None:
+    if value:
+        ctx.meta["drct.quiet"] = True
+        if "progress" in ctx.params:
+            ctx.params["progress"] = False
+
+
+def _progress(ctx: click.Context, _param, value: bool) -> bool:
+    return False if ctx.meta.get("drct.quiet") else value
+
+
+def progress_option(function):
+    """--progress/--no-progress (default on: bars with rate and ETA on stderr, also under DVC)."""
+    function = click.option("--quiet", is_flag=True, hidden=True, expose_value=False, callback=_quiet,
+                            help="Same as --no-progress.")(function)
+    return click.option("--progress/--no-progress", default=True, show_default=True, callback=_progress,
+                        help="Progress bars with rate and ETA on stderr.")(function)
+
+
+def set_option(function):
+    """--set KEY=VALUE, repeatable; parse with `parse_settings`."""
+    return click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+                        help="Any config value, e.g. --set model.m_key=8 (value parsed as YAML; repeatable).")(function)
+
+
+def parse_settings(items) -> dict:
+    """('a.b=1', 'c.d=x') -> {'a.b': 1, 'c.d': 'x'}; a malformed item is a StageError."""
+    import yaml
+
+    settings = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise StageError(f"--set expects KEY=VALUE, got '{item}'")
+        try:
+            settings[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise StageError(f"--set {item}: the value is not valid YAML ({exc})") from None
+    return settings
+
+
+def load_stage_config(config_path, overrides: dict, settings=()) -> dict:
+    """load_config(config_path, flags + --set values) with errors as StageError (exit code 2)."""
+    from pipeline.config import ConfigError, load_config
+
+    merged = {**parse_settings(settings), **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return load_config(config_path, merged)
+    except ConfigError as exc:
+        raise StageError(str(exc)) from None
+
+
+def guess_layout(root: str | Path) -> tuple[str, str]:
+    """(layout, why) of a DICOM tree: CQ500 by its reads.csv / 'CQ500CT' folders, RSNA by its
+    stage_2_train.csv / flat ID_*.dcm files, else a plain folder of series."""
+    root = Path(root)
+    names = [p.name for p in root.iterdir()] if root.is_dir() else []
+    if "reads.csv" in names or any(n.upper().startswith("CQ500") for n in names):
+        return "cq500", "this looks like CQ500 (reads.csv or CQ500CT<n> folders)"
+    if any(n.endswith(".csv") and "stage_2_train" in n for n in names) or any(
+        n.startswith("ID_") and n.endswith(".dcm") for n in names
+    ) or (root / "stage_2_train").is_dir():
+        return "rsna", "this looks like RSNA 2019 (stage_2_train.csv or flat ID_*.dcm files)"
+    return "folder", "no CQ500 or RSNA markers: one scan per DICOM series, no labels"
+
+
+def config_sets(config_path, dotted: str) -> bool:
+    """Whether the YAML file at config_path (None: no file) sets the dotted key itself."""
+    if config_path is None:
+        return False
+    from pipeline.config import read_yaml
+
+    node = read_yaml(config_path)
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
