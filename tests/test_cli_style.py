@@ -127,7 +127,7 @@ def test_extract_guesses_layout_and_passes_scan_labels(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_index(root, layout, labels, progress, scan_labels=None):
+    def fake_index(root, layout, labels, progress, scan_labels=None, *cohort):
         seen.update(layout=layout, scan_labels=scan_labels)
         raise SystemExit(0)
 
