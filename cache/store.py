@@ -122,6 +122,9 @@ class FeatureCache:
         self.attrs = attrs
         self.label_names: list[str] = list(attrs.get("label_names", []))
         self.provenance: dict = {key: attrs.get(key) for key in PROVENANCE_KEYS}
+        if "adaptation" in attrs:  # the `drct adapt` record of an adapted encoder (optional), a dict
+            record = attrs["adaptation"]
+            self.provenance["adaptation"] = json.loads(record) if isinstance(record, str) else record
         self.resolutions: list[int] = [int(r) for r in attrs["resolutions"]]
         self._table: ScanTable | None = None
 

@@ -13,6 +13,7 @@ from pipeline import __version__
 # stays fast and a stage never imports another stage's heavy dependencies.
 SUBCOMMANDS = {
     "phantom": ("stages.phantom", "phantom"),
+    "adapt": ("stages.adapt", "adapt"),
     "extract": ("stages.extract", "extract"),
     "cache": ("stages.cache_cmd", "cache"),
     "train": ("stages.train", "train"),
@@ -55,6 +56,7 @@ def main():
     """DrCT2 brain-CT diagnosis with zoom-in attention, as a two-stage feature-cache pipeline.
 
     \b
+    Optional:   drct adapt     lesion-aware VGG16: block 5 tuned on slice labels of other scans
     Stage one:  drct extract   DICOM -> frozen VGG16 at two resolutions -> HDF5 feature cache
                 drct cache     info / verify a feature cache
     Stage two:  drct train     attention/BiGRU/APS/fusion heads on cached vectors only

@@ -132,7 +132,6 @@ def block4_maps(encoder: VGG16Encoder, paths: list[str], resolution: int, window
     flush()
     bar.close()
     out.flush()
-    del out
     done.write_text(json.dumps({"resolution": resolution, "n_paths": len(paths), "kept": kept, "errors": errors}))
     return np.load(store / "block4.npy", mmap_mode="r")[:n_ok], kept, errors
 
@@ -214,7 +213,7 @@ def adapt_encoder(
     tmp = out_path.with_name(out_path.name + ".tmp")
     torch.save({f"features.{k}": v.float() for k, v in adapted.features.state_dict().items()}, tmp)
     tmp.replace(out_path)
-    scan_ids = sorted(set(slice_scans[i] for i in kept))
+    scan_ids = sorted({slice_scans[i] for i in kept})
     record = {
         "adapted_from": str(ex["weights"]),
         "source_digest": source_digest,

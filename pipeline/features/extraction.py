@@ -18,6 +18,7 @@ unit do not depend on what ran before it: a killed-and-resumed run equals an uni
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from cache.store import CacheError
 from cache.writer import PartsWriter, ScanFeatures, Unit
 from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
+from pipeline.features.adapt import adaptation_record
 from pipeline.features.encoder import EncoderRunner, load_encoder, resolve_device
 from pipeline.features.preprocess import (
     check_settings,
@@ -262,6 +264,10 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
     encoder, digest = load_encoder(ex["weights"])
     runner = EncoderRunner(encoder, device, str(ex["precision"]))
     provenance = {**config_provenance(ex), "weights_digest": digest, "precision": runner.precision}
+    adaptation = adaptation_record(str(ex["weights"]))
+    if adaptation is not None:  # a `drct adapt` encoder: say what it was tuned from and on (no scan list)
+        provenance["adaptation"] = json.dumps({k: v for k, v in adaptation.items() if k != "scan_ids"}
+                                              | {"sidecar": str(Path(str(ex["weights"]) + ".json").resolve())})
     manifest = {
         "provenance": provenance,
         "label_names": list(index.label_names),

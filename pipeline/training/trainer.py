@@ -54,6 +54,25 @@ def check_provenance(cache: FeatureCache, config: dict) -> None:
         raise ProvenanceMismatch(f"cache {cache.path} does not match the config: " + "; ".join(differences))
 
 
+def check_adaptation_overlap(cache: FeatureCache) -> None:
+    """Refuse a cache encoded by a `drct adapt` encoder that was tuned on some of its own scans:
+    their out-of-fold figures would be inflated by an encoder that saw their slice labels."""
+    record = cache.provenance.get("adaptation")
+    if not record:
+        return
+    try:
+        sidecar = Path(record["sidecar"])
+        adapted_on = set(json.loads(sidecar.read_text())["scan_ids"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return  # the sidecar moved: the provenance still names the adaptation data
+    shared = sorted(adapted_on & {str(s) for s in cache.table.scan_id})
+    if shared:
+        raise TrainingError(
+            f"cache {cache.path} was encoded by an encoder adapted on {len(shared)} of its own scans "
+            f"(e.g. {', '.join(shared[:3])}; see {sidecar}): adapt on other scans, or extract with other weights"
+        )
+
+
 def resolve_device(name: str) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -234,6 +253,7 @@ def run_training(
         torch.set_num_threads(int(t["threads"]))
     cache = FeatureCache(cache_path)
     check_provenance(cache, config)
+    check_adaptation_overlap(cache)
     res = resolutions(config, cache)
     names = list(cache.label_names)
     if not names:
