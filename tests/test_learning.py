@@ -81,6 +81,21 @@ def test_small_subtypes_are_found_by_the_aps_zoom(trained):
         np.mean([primary["per_class"][n]["auc"] for n in small]) + 0.05
 
 
+def test_attention_spread_is_logged_per_epoch(trained):
+    """history.json carries the effective number of channels/slices the attentions use."""
+    import json
+
+    from pipeline.training.trainer import effective_count
+
+    assert effective_count(np.full((3, 8), 1 / 8)) == pytest.approx(8)
+    assert effective_count(np.eye(4)) == pytest.approx(1, abs=1e-6)
+    history = json.loads((trained["root"] / "run" / "fold_0" / "history.json").read_text())
+    m = SMALL["sampler.m"]
+    assert all(1 <= h["val_slice_attention_slices"] <= m and 1 <= h["val_feature_attention_channels"] <= 512
+               for h in history)
+    assert history[-1]["val_slice_attention_slices"] < 0.75 * m  # it learned to concentrate on lesion slices
+
+
 def test_feature_attention_weights_the_planted_channels(trained):
     """On lesion slices, eq. 3's weights favour the lesion's own channels over the others."""
     model, _, _ = load_model(trained["root"] / "run" / "fold_0" / "checkpoint.pt")

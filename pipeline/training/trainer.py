@@ -54,6 +54,20 @@ def check_provenance(cache: FeatureCache, config: dict) -> None:
         raise ProvenanceMismatch(f"cache {cache.path} does not match the config: " + "; ".join(differences))
 
 
+def effective_count(weights: np.ndarray) -> float:
+    """Mean over rows of exp(entropy) of weights that sum to 1 on the last axis: how many entries an
+    attention really uses (m for a uniform slice attention, 1 for one slice)."""
+    w = np.clip(np.asarray(weights, np.float64), 1e-12, None)
+    return float(np.exp(-(w * np.log(w)).sum(axis=-1)).mean()) if w.size else float("nan")
+
+
+def attention_spread(preds: dict) -> dict[str, float]:
+    """Validation attention spread, logged per epoch: a feature attention collapsing onto a few
+    of the 512 channels, or a slice attention staying uniform, shows here before the metrics."""
+    return {"val_feature_attention_channels": effective_count(preds["feature_attention"]),
+            "val_slice_attention_slices": effective_count(preds["slice_attention"])}
+
+
 def check_adaptation_overlap(cache: FeatureCache) -> None:
     """Refuse a cache encoded by a `drct adapt` encoder that was tuned on some of its own scans:
     their out-of-fold figures would be inflated by an encoder that saw their slice labels."""
@@ -341,7 +355,8 @@ def run_training(
             val_f1 = val["macro_f1"]
             bar.set_postfix(loss=f"{stats['loss']:.4f}", val_macro_f1=f"{val_f1:.4f}")
             bar.close()
-            history.append({"epoch": epoch, **stats, "val_macro_f1": val_f1, "val_macro_auc": val["macro_auc"]})
+            history.append({"epoch": epoch, **stats, "val_macro_f1": val_f1, "val_macro_auc": val["macro_auc"],
+                            **attention_spread(preds)})
             if on_epoch is not None:
                 on_epoch(fold, epoch, history[-1])
         fold_dir = out / f"fold_{fold}"
