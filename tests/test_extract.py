@@ -58,7 +58,7 @@ def make_config(out: Path, data: Path, **extract) -> dict:
         "dataset.data": str(data), "dataset.layout": "folder",
         "extract.out": str(out), "extract.resolutions": RESOLUTIONS, "extract.weights": "random:0",
         "extract.workers": 0, "extract.scans_per_commit": 2, "extract.batch_size": 4,
-        "extract.precision": "fp32", "extract.device": "cpu", "extract.decode_chunk": 3,
+        "extract.precision": "fp32", "extract.device": "cpu",
     }
     overrides.update({f"extract.{k}": v for k, v in extract.items()})
     return load_config(None, overrides)
