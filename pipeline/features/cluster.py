@@ -133,7 +133,8 @@ class DaskExecutor:
         self.address = address
         if address:
             try:
-                self.client = Client(address, timeout="20s", security=security)
+                # A scheduler that does not answer within min(20 s, worker_timeout) is unreachable.
+                self.client = Client(address, timeout=min(20.0, self.worker_timeout), security=security)
             except (OSError, TimeoutError) as exc:
                 raise ClusterError(f"cannot reach the dask scheduler at {address}: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - TLS/config errors come in many types
