@@ -221,3 +221,41 @@ def test_tls_on_loopback(loopback, dataset, reference, tmp_path):
     with pytest.raises(CacheError, match="TLS key file not found"):
         extract(tmp_path / "b.h5", dataset, scheduler=cluster.address, tls_ca=tls["ca"], tls_cert=tls["cert"],
                 tls_key=str(tmp_path / "missing.pem"))
+
+
+def test_without_dask_cuda_one_worker_per_gpu_is_still_started(monkeypatch):
+    """The fallback of the `cuda` extra: one nanny per GPU, each seeing its own GPU first."""
+    import builtins
+
+    import pipeline.features.cluster as cluster_module
+    from pipeline.features.cluster import DaskExecutor
+
+    real_import = builtins.__import__
+
+    def no_dask_cuda(name, *args, **kwargs):
+        if name.startswith("dask_cuda"):
+            raise ImportError("No module named 'dask_cuda'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_dask_cuda)
+    monkeypatch.setattr(cluster_module, "cuda_devices", lambda: ["0", "1"])
+    logs: list[str] = []
+    executor = DaskExecutor(None, 0, threads=1, gpu=True, log=logs.append)
+    try:
+        assert "dask-cuda is not installed (pip install 'drct2-pipeline[cuda]')" in logs[0]
+        assert executor.description == "local GPU cluster (2 workers, one per GPU, 1 threads each)"
+        seen = executor.run_on_workers(os.environ.get, "CUDA_VISIBLE_DEVICES")
+        assert sorted(seen.values()) == ["0,1", "1,0"]
+    finally:
+        executor.close()
+
+
+def test_workers_that_would_encode_differently_are_refused():
+    from pipeline.features.extraction import _check_workers
+
+    info = {"host": "h", "pid": 1, "device": "cpu", "device_name": "cpu", "precision": "fp32", "digest": "a" * 64}
+    assert _check_workers({"w1": info, "w2": info}, "a" * 64, "fp32") == "2 workers encode on cpu fp32"
+    with pytest.raises(CacheError, match="dask worker w2 .h. loaded other weights"):
+        _check_workers({"w1": info, "w2": {**info, "digest": "b" * 64}}, "a" * 64, "fp32")
+    with pytest.raises(CacheError, match="would not all encode alike .wanted fp32; w1: cpu fp32, w2: cuda:0 bf16"):
+        _check_workers({"w1": info, "w2": {**info, "device": "cuda:0", "precision": "bf16"}}, "a" * 64, "fp32")
