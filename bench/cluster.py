@@ -9,8 +9,9 @@ In one run, on a small phantom (real 16-bit DICOM), random:0 weights (ImageNet F
   and after (an encode task's result: float16 vectors) at the product resolutions 224+512 for both
   aps sources, measured as dask's own serialisation of one task's arguments and result.
 
-Rates are taken without startup (cluster, model load, warm-up). Run:
-    .venv/bin/python bench/cluster.py [--scans 2 --size 256 --resolutions 64,128]
+Rates are taken without startup (cluster, model load, warm-up); each setup runs --repeats times,
+interleaved with the others, and the median is reported. Run:
+    .venv/bin/python bench/cluster.py [--scans 1 --size 128 --resolutions 64,128 --repeats 3]
 Markdown tables go to stdout (paste into BENCHMARKS.md).
 """
 
@@ -20,6 +21,7 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -55,11 +57,12 @@ def bytes_per_slice(paths: list[str], windows, weights: str) -> list[tuple[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scans", type=int, default=2, help="phantom scans")
-    parser.add_argument("--size", type=int, default=256, help="phantom image size")
+    parser.add_argument("--scans", type=int, default=1, help="phantom scans")
+    parser.add_argument("--size", type=int, default=128, help="phantom image size")
     parser.add_argument("--resolutions", default="64,128", help="small, so the run takes minutes on a CPU")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--weights", default="random:0")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every setup (median reported)")
     parser.add_argument("--setups", default="inproc,client2,w1,w2,w1t2",
                         help="inproc | client2 (2 decoding workers, encode here) | wN (N encoding workers) | wNtK")
     args = parser.parse_args()
@@ -78,43 +81,57 @@ def main() -> None:
         index = build_scan_index(data, "rsna", progress=False)
         n_slices = sum(len(s.slices) for s in index.scans)
         windows = load_config()["extract"]["windows"]
-        paths = [s.path for s in index.scans[0].slices[:4]]
-        traffic = bytes_per_slice(paths, windows, args.weights)
-        for setup in args.setups.split(","):
-            settings = {"workers": 0}
-            if setup == "client2":
-                settings = {"workers": 2, "encode_on": "client"}
-            elif setup.startswith("w"):
-                workers, _, threads = setup[1:].partition("t")
-                settings = {"workers": int(workers), "threads_per_worker": int(threads or 1)}
-            overrides = {
-                "extract.out": str(work / f"{setup}.h5"), "extract.resolutions": resolutions,
-                "extract.weights": args.weights, "extract.batch_size": args.batch_size,
-                "extract.device": "cpu", "extract.precision": "fp32",
-                **{f"extract.{k}": v for k, v in settings.items()},
-            }
-            t = time.perf_counter()
-            result = run_extraction(index, load_config(None, overrides), progress=False,
-                                    log=lambda m: print("#", m, file=sys.stderr))
-            wall = time.perf_counter() - t
-            rows.append((setup, result.where, result.n_slices / result.seconds, result.n_slices / wall,
-                         os.getloadavg()[0]))
-            print(f"# {setup}: {rows[-1][2]:.2f} slices/s, load average {rows[-1][4]:.1f}", file=sys.stderr)
+        in_process_threads = torch.get_num_threads()
+        setups = args.setups.split(",")
+        rates: dict[str, list[tuple[float, float, float]]] = {setup: [] for setup in setups}
+        where: dict[str, str] = {}
+        # Repeats interleave the setups (A B C A B C ...): on a shared machine the load drifts, and
+        # medians of interleaved runs compare like with like better than one run of each.
+        for repeat in range(args.repeats):
+            for setup in setups:
+                settings = {"workers": 0}
+                if setup == "client2":
+                    settings = {"workers": 2, "encode_on": "client"}
+                elif setup.startswith("w"):
+                    workers, _, threads = setup[1:].partition("t")
+                    settings = {"workers": int(workers), "threads_per_worker": int(threads or 1)}
+                overrides = {
+                    "extract.out": str(work / f"{setup}-{repeat}.h5"), "extract.resolutions": resolutions,
+                    "extract.weights": args.weights, "extract.batch_size": args.batch_size,
+                    "extract.device": "cpu", "extract.precision": "fp32",
+                    **{f"extract.{k}": v for k, v in settings.items()},
+                }
+                t = time.perf_counter()
+                result = run_extraction(index, load_config(None, overrides), progress=False,
+                                        log=lambda m: print("#", m, file=sys.stderr))
+                wall = time.perf_counter() - t
+                where[setup] = result.where
+                rates[setup].append((result.n_slices / result.seconds, result.n_slices / wall, os.getloadavg()[0]))
+                print(f"# {setup} (repeat {repeat}): {rates[setup][-1][0]:.2f} slices/s, "
+                      f"load average {rates[setup][-1][2]:.1f}", file=sys.stderr)
+        for setup in setups:
+            runs = rates[setup]
+            rows.append((setup, where[setup], statistics.median(r[0] for r in runs), min(r[0] for r in runs),
+                         max(r[0] for r in runs), statistics.median(r[1] for r in runs),
+                         statistics.mean(r[2] for r in runs)))
+        # Last: the worker functions set this process's torch threads to 1.
+        traffic = bytes_per_slice([s.path for s in index.scans[0].slices[:4]], windows, args.weights)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in ("avx2", "avx512f", "amx_bf16")})
     print(f"CPU: {os.cpu_count()} cores ({platform.processor() or platform.machine()}, flags {' '.join(flags)}), "
-          f"torch {torch.__version__}, in-process torch threads {torch.get_num_threads()}; fp32, batch "
+          f"torch {torch.__version__}, in-process torch threads {in_process_threads}; fp32, batch "
           f"{args.batch_size}, {n_slices} slices of {args.scans} phantom scans at {args.size} px, resolutions "
           f"{'+'.join(map(str, resolutions))}, weights {args.weights}")
     print()
-    print("| setup | where | slices/s | incl. startup | x in-process | load average |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print(f"| setup | where | slices/s (median of {args.repeats}) | min - max | incl. startup | x in-process "
+          "| load average |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     base = next((r[2] for r in rows if r[0] == "inproc"), None)
-    for setup, where, rate, with_startup, load in rows:
+    for setup, place, rate, low, high, with_startup, load in rows:
         ratio = f"{rate / base:.2f}" if base else "-"
-        print(f"| {setup} | {where} | {rate:.2f} | {with_startup:.2f} | {ratio} | {load:.1f} |")
+        print(f"| {setup} | {place} | {rate:.2f} | {low:.2f} - {high:.2f} | {with_startup:.2f} | {ratio} | {load:.1f} |")
     print()
     print("| aps source (224+512) | task arguments (B/slice) | decode result, before (B/slice) | "
           "encode result, after (B/slice) | before / after |")
