@@ -244,7 +244,7 @@ def test_without_dask_cuda_one_worker_per_gpu_is_still_started(monkeypatch):
     try:
         assert "dask-cuda is not installed (pip install 'drct2-pipeline[cuda]')" in logs[0]
         assert executor.description == "local GPU cluster (2 workers, one per GPU, 1 threads each)"
-        seen = executor.run_on_workers(os.environ.get, "CUDA_VISIBLE_DEVICES")
+        seen = executor.run_on_workers(os.getenv, "CUDA_VISIBLE_DEVICES")  # runs on each worker
         assert sorted(seen.values()) == ["0,1", "1,0"]
     finally:
         executor.close()
