@@ -216,6 +216,14 @@ def test_tls_on_loopback(loopback, dataset, reference, tmp_path):
     out = tmp_path / "features.h5"
     extract(out, dataset, scheduler=cluster.address, tls_ca=tls["ca"], tls_cert=tls["cert"], tls_key=tls["key"])
     assert_same_cache(out, reference)
+    # Without the flags, dask's own config supplies the files.
+    import dask
+
+    tls_config = {"distributed.comm.tls.ca-file": tls["ca"], "distributed.comm.tls.client.cert": tls["cert"],
+                  "distributed.comm.tls.client.key": tls["key"]}
+    with dask.config.set(tls_config):
+        extract(tmp_path / "by-config.h5", dataset, scheduler=cluster.address)
+    assert_same_cache(tmp_path / "by-config.h5", reference)
     with pytest.raises(CacheError, match="TLS needs all three of --tls-ca, --tls-cert and --tls-key"):
         extract(tmp_path / "b.h5", dataset, scheduler=cluster.address, tls_ca=tls["ca"])
     with pytest.raises(CacheError, match="TLS key file not found"):
