@@ -83,17 +83,17 @@ def extract(config_path, data, layout, labels, out, resolutions, weights, aps_so
     root = Path(dataset["data"])
     if not root.is_dir():
         raise click.ClickException(f"data folder not found: {root} (give --data or dataset.data)")
-    index = _build_index(root, dataset["layout"], dataset.get("labels"), progress)
+    index = _build_index(root, dataset["layout"], dataset.get("labels"), progress, dataset.get("allow_modalities"))
     try:
         run_extraction(index, config, progress=progress)
     except (CacheError, EncoderError, PreprocessError, ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
-def _build_index(root: Path, layout: str, labels, progress: bool):
+def _build_index(root: Path, layout: str, labels, progress: bool, allow_modalities=None):
     from pipeline.data.index import build_scan_index
 
     try:
-        return build_scan_index(root, layout, labels, progress=progress)
+        return build_scan_index(root, layout, labels, progress=progress, allow_modalities=allow_modalities)
     except (ValueError, OSError, KeyError) as exc:
         raise click.ClickException(f"cannot index the DICOM tree {root} as layout {layout!r}: {exc}") from None

@@ -81,7 +81,8 @@ def predict_folder(
     _, digest = load_encoder(ex["weights"])
     check_encoder_provenance(ckpt_prov, ex, digest)
 
-    index = build_scan_index(dicom_dir, "folder", workers=None if workers else 1, progress=progress)
+    index = build_scan_index(dicom_dir, "folder", workers=None if workers else 1, progress=progress,
+                             allow_modalities=(config.get("dataset") or {}).get("allow_modalities"))
     if not index.scans:
         raise PredictError(f"no usable DICOM series under {dicom_dir} ({len(index.rejects)} files rejected)")
     run_extraction(index, config, progress=progress, log=log)

@@ -183,6 +183,7 @@ def build_cq500_index(
     workers: int | None = None,
     processes: bool = False,
     progress: bool | None = None,
+    allow_modalities: list[str] | None = None,
 ) -> ScanIndex:
     """Index a CQ500-layout folder (see module docstring for the labels and the series rule)."""
     root = Path(root).resolve()
@@ -201,6 +202,7 @@ def build_cq500_index(
         read_headers(candidate_files(root), workers, processes, progress),
         index.rejects,
         scan_id_of=lambda h: "",
+        allow_modalities=allow_modalities,
     )
     by_patient: dict[str, dict[str, list[SliceHeader]]] = defaultdict(lambda: defaultdict(list))
     for header in headers:

@@ -33,8 +33,11 @@ import numpy as np
 from pipeline.data.dicom_io import (
     HEADER_TAGS,
     SliceError,
+    check_modality,
+    clean_text,
     instance_number,
     is_localizer,
+    modality_of,
     read_header,
     slice_normal,
     slice_position,
@@ -91,6 +94,7 @@ class SliceHeader:
     convolution_kernel: str = ""
     slice_thickness: float | None = None
     contrast_agent: str = ""
+    modality: str = ""
 
 
 def header_of(path: str) -> SliceHeader:
@@ -114,26 +118,28 @@ def header_of(path: str) -> SliceHeader:
         return SliceHeader(path=path, error=f"not a greyscale image (SamplesPerPixel {samples})")
     normal = slice_normal(ds)
     kernel = ds.get("ConvolutionKernel", "")
-    if not isinstance(kernel, str):
+    if not isinstance(kernel, (str, bytes)):
         kernel = " ".join(str(k) for k in kernel)
     try:
         thickness = float(ds.get("SliceThickness")) if ds.get("SliceThickness") not in (None, "") else None
     except (TypeError, ValueError):
         thickness = None
+    # Every text value goes through clean_text: a NUL, non-UTF-8 or huge tag must not abort a run.
     return SliceHeader(
         path=path,
-        sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        patient_id=str(ds.get("PatientID", "") or ""),
+        sop_uid=clean_text(ds.get("SOPInstanceUID", "")),
+        series_uid=clean_text(ds.get("SeriesInstanceUID", "")),
+        study_uid=clean_text(ds.get("StudyInstanceUID", "")),
+        patient_id=clean_text(ds.get("PatientID", "")),
         position=slice_position(ds),
         normal=None if normal is None else tuple(float(v) for v in normal),
         instance_number=instance_number(ds),
         localizer=is_localizer(ds),
-        series_description=str(ds.get("SeriesDescription", "") or ""),
-        convolution_kernel=str(kernel or ""),
+        series_description=clean_text(ds.get("SeriesDescription", "")),
+        convolution_kernel=clean_text(kernel),
         slice_thickness=thickness,
-        contrast_agent=str(ds.get("ContrastBolusAgent", "") or ""),
+        contrast_agent=clean_text(ds.get("ContrastBolusAgent", "")),
+        modality=modality_of(ds),
     )
 
 
@@ -194,11 +200,17 @@ def candidate_files(root: Path) -> list[str]:
 
 
 def split_headers(
-    headers: list[SliceHeader], rejects: list[Reject], scan_id_of: Callable[[SliceHeader], str] | None = None
+    headers: list[SliceHeader],
+    rejects: list[Reject],
+    scan_id_of: Callable[[SliceHeader], str] | None = None,
+    allow_modalities: list[str] | None = None,
 ) -> list[SliceHeader]:
-    """Headers that read; the others go to `rejects` with their reason."""
+    """Headers that read and whose modality is allowed (CT by default); the others go to
+    `rejects` with their reason."""
     good = []
     for header in headers:
+        if header.error is None:
+            header.error = check_modality(header.modality, allow_modalities)
         if header.error is not None:
             rejects.append(
                 Reject(
@@ -394,6 +406,7 @@ def build_scan_index(
     workers: int | None = None,
     processes: bool = False,
     progress: bool | None = None,
+    allow_modalities: list[str] | None = None,
 ) -> ScanIndex:
     """Index a DICOM tree: one `ScanRecord` per scan (slices in z order, labels), plus rejects.
 
@@ -401,13 +414,14 @@ def build_scan_index(
     root/reads.csv) or ``folder`` (one scan per SeriesInstanceUID, no labels). A missing label
     file for rsna/cq500 is an error with the path in the message. `scan_labels_csv` (rsna and
     cq500): a scan-level label table (see `read_scan_labels_csv`) that gives or overrides scan labels.
+    `allow_modalities`: modalities read besides nothing else (default CT only; see `check_modality`).
     """
     root = Path(root).resolve()
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if not root.is_dir():
         raise FileNotFoundError(f"DICOM root is not a folder: {root}")
-    options = {"workers": workers, "processes": processes, "progress": progress}
+    options = {"workers": workers, "processes": processes, "progress": progress, "allow_modalities": allow_modalities}
     if layout == "rsna":
         from pipeline.data.rsna import build_rsna_index
 
