@@ -278,7 +278,7 @@ def check_pixel_length(ds: Dataset) -> None:
     actual = len(ds.PixelData)
     if actual not in (expected, expected + (expected % 2)):  # DICOM pads odd lengths with one byte
         raise SliceError(
-            f"pixel data length {actual} bytes does not match Rows x Columns ({rows} x {columns}, "
+            f"pixel data cannot be decoded: its length ({actual} bytes) does not match Rows x Columns ({rows} x {columns}, "
             f"{bits} bits: {expected} bytes)"
         )
 
