@@ -13,12 +13,13 @@ mismatch is refused with the differing fields named.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 from pathlib import Path
 
 import click
 import numpy as np
+
+from pipeline import csv_safe
 
 
 class PredictError(RuntimeError):
@@ -98,7 +99,7 @@ def predict_folder(
     labels = [display_label(s, p, show_phi) for s, p in zip(table.scan_id, table.patient_id)]
     csv_path = out_dir / "predictions.csv"
     with open(csv_path, "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv_safe.writer(handle)
         writer.writerow(["scan", "n_slices", *names])
         for i, label in enumerate(labels):
             writer.writerow([label, int(table.n_slices[i]), *(f"{p:.6f}" for p in preds["prob"][i])])

@@ -84,7 +84,7 @@ def test_bad_pixels_raise_slice_error(corpus, name, reason):
 
 
 def test_corpus_extracts_with_every_bad_case_rejected(corpus, extracted):
-    root, case = corpus
+    _root, case = corpus
     rows = reject_rows(extracted)
     for name, reason in [
         ("slope_nan", "pixels not decodable: bad pixel scaling"),
@@ -117,7 +117,7 @@ def test_corpus_extracts_with_every_bad_case_rejected(corpus, extracted):
 
 
 def test_odd_tag_values_are_stored_clean(corpus, extracted):
-    _, case = corpus
+    _, _case = corpus
     with h5py.File(extracted, "r") as f:
         patients = [p.decode() for p in f["scans/patient_id"][:]]
     assert all("\x00" not in p and len(p) <= 256 for p in patients)
@@ -128,10 +128,29 @@ def test_odd_tag_values_are_stored_clean(corpus, extracted):
 
 
 def test_mr_is_extracted_when_allowed(corpus, tmp_path):
-    root, case = corpus
+    root, _case = corpus
     mr_only = tmp_path / "mr"
     mr_only.symlink_to(Path(root) / "mr", target_is_directory=True)
     result = extract(tmp_path / "mr.h5", mr_only, allow_modalities=["CT", "MR"])
     assert result.n_scans == 1
     with pytest.raises(Exception, match="no scans found"):
         extract(tmp_path / "mr_refused.h5", mr_only)
+
+
+def test_csv_cells_are_neutralised(corpus, extracted, tmp_path):
+    from pipeline import csv_safe
+
+    for text in ("=1+1", "+A1", "-cmd", "@SUM(A1)", "\tx", "\rx", '=HYPERLINK("http://evil","x")'):
+        assert csv_safe.safe_cell(text) == "'" + text
+    for value in ("-0.5", "+3", "1e-3", "plain", -2.0, 7, "", "a=b"):
+        assert csv_safe.safe_cell(value) == value
+    assert csv_safe.safe_cell("-inf") == "'-inf"
+    path = tmp_path / "t.csv"
+    with open(path, "w", newline="") as handle:
+        csv_safe.writer(handle).writerow(["=x", "-1", "ok"])
+        csv_safe.dict_writer(handle, fieldnames=["a"]).writerow({"a": "@y"})
+    assert path.read_text().splitlines() == ["'=x,-1,ok", "'@y"]
+    # The rejects list of the corpus holds file names from a hostile tree: no cell starts a formula.
+    with open(rejects_path(extracted), newline="") as handle:
+        for row in csv.reader(handle):
+            assert not any(cell.startswith(("=", "+", "@", "\t", "\r")) for cell in row)
