@@ -78,7 +78,7 @@ def extract(config_path, data, layout, labels, out, resolutions, weights, aps_so
     try:
         config = load_config(config_path, overrides)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.UsageError(str(exc)) from None  # bad input: exit code 2, no traceback
     dataset = config["dataset"]
     root = Path(dataset["data"])
     if not root.is_dir():

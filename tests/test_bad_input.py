@@ -154,3 +154,77 @@ def test_csv_cells_are_neutralised(corpus, extracted, tmp_path):
     with open(rejects_path(extracted), newline="") as handle:
         for row in csv.reader(handle):
             assert not any(cell.startswith(("=", "+", "@", "\t", "\r")) for cell in row)
+
+
+# -- 8. errors, not tracebacks ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("extract:\n  resolutions: abc\n", "config key 'extract.resolutions': Input should be a valid list"),
+        ("train:\n  batch_size: 0\n", "config key 'train.batch_size': Input should be greater than or equal to 1"),
+        ("model:\n  m_key: 1.5\n", "config key 'model.m_key': Input should be a valid integer"),
+        ("extract:\n  windows: [[40, 0]]\n", "the width must be positive"),
+        ("dataset:\n  layout: dicomdir\n", "config key 'dataset.layout'"),
+    ],
+)
+def test_bad_config_values_are_refused_naming_the_key(tmp_path, yaml_text, message):
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text)
+    for command in (["extract", "--config", str(config), "--data", str(tmp_path)], ["train", "--config", str(config)]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["train", "--set", "model.m_key=1.5"])
+    assert result.exit_code == 2 and "model.m_key" in result.output
+
+
+def tampered_run(run_dir: Path, n: int = 3) -> Path:
+    import json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps({"label_names": ["a", "b"], "model": "drct2"}))
+    np.savez(run_dir / "oof.npz", scan_id=np.array(["x", {"evil": 1}, "z"], dtype=object),
+             fold=np.zeros(n, np.int64), labels=np.zeros((n, 2), np.float32), prob=np.zeros((n, 2), np.float32))
+    return run_dir
+
+
+def test_tampered_oof_gives_one_clear_line(extracted, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.oof import OofError, read_oof
+    from stages.cli import main
+
+    run = tampered_run(tmp_path / "run")
+    with pytest.raises(OofError, match="object \\(pickled\\) arrays, which are refused"):
+        read_oof(run / "oof.npz")
+    for command in (["evaluate", str(run)], ["report", str(run), "--out", str(tmp_path / "r"), "--cache", str(extracted)],
+                    ["interpret", str(run), "--cache", str(extracted), "--out", str(tmp_path / "i")]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code in (1, 2), (command, result.output)
+        assert "object (pickled) arrays, which are refused" in result.output, (command, result.output)
+        assert "Traceback" not in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    (run / "oof.npz").write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(OofError, match="not a readable oof.npz"):
+        read_oof(run / "oof.npz")
+    np.savez(run / "oof.npz", scan_id=np.array(["x"]), fold=np.zeros(1, np.int64),
+             labels=np.zeros((1, 2), np.float32), prob=np.full((1, 2), np.nan, np.float32))
+    with pytest.raises(OofError, match="not probabilities"):
+        read_oof(run / "oof.npz")
+
+
+def test_refused_checkpoint_is_one_short_line(tmp_path):
+    import torch
+    from torch import nn
+
+    from pipeline.training.checkpoint import CheckpointError, load_checkpoint
+
+    torch.save({"state_dict": nn.Linear(2, 2), "config": {}}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "evil.pt")
+    message = str(info.value)
+    assert "refused" in message and "weights_only" not in message and "\n" not in message and len(message) < 300
