@@ -43,6 +43,8 @@ from typing import Self
 import h5py
 import numpy as np
 
+from cache.provenance import provenance_differences
+from cache.rejects import Reject, write_rejects
 from cache.store import (
     FEATURE_DIM,
     CacheError,
@@ -51,8 +53,6 @@ from cache.store import (
     decode_attr,
     write_cache,
 )
-from pipeline.data.scan_index import Reject, write_rejects
-from pipeline.features.provenance import provenance_differences
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "drct-extract-parts"

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
-from pipeline import csv_safe
+from cache import csv_safe
 
 
 def write_csv(path: str | Path, header: Sequence[str], rows) -> Path:

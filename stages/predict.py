@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline import csv_safe
+from cache import csv_safe
 
 
 class PredictError(RuntimeError):

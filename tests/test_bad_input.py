@@ -138,7 +138,7 @@ def test_mr_is_extracted_when_allowed(corpus, tmp_path):
 
 
 def test_csv_cells_are_neutralised(corpus, extracted, tmp_path):
-    from pipeline import csv_safe
+    from cache import csv_safe
 
     for text in ("=1+1", "+A1", "-cmd", "@SUM(A1)", "\tx", "\rx", '=HYPERLINK("http://evil","x")'):
         assert csv_safe.safe_cell(text) == "'" + text

@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.index import (
+from pipeline.data.labels import CQ500_LABELS
+from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
+from pipeline.data.series import (
     SliceHeader,
     candidate_files,
     order_series,
@@ -47,8 +49,6 @@ from pipeline.data.index import (
     slice_refs,
     split_headers,
 )
-from pipeline.data.labels import CQ500_LABELS
-from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
 
 DEFAULT_LABELS = "reads.csv"
 SLICE_LABELS = "slice_labels.csv"

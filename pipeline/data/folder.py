@@ -3,7 +3,7 @@
 Every non-sidecar file under the root is a candidate, at any depth; files are grouped by
 SeriesInstanceUID wherever they lie. ``scan_id`` = SeriesInstanceUID, ``patient_id`` =
 PatientID (the most common one within the series), labels None. Slice order, localizers and
-duplicates follow `pipeline.data.index.order_series`.
+duplicates follow `pipeline.data.series.order_series`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from pipeline.data.index import (
+from pipeline.data.scan_index import ScanIndex, ScanRecord
+from pipeline.data.series import (
     SliceHeader,
     candidate_files,
     order_series,
@@ -19,7 +20,6 @@ from pipeline.data.index import (
     slice_refs,
     split_headers,
 )
-from pipeline.data.scan_index import ScanIndex, ScanRecord
 
 
 def build_folder_index(

@@ -34,7 +34,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from pipeline import csv_safe
+from cache import csv_safe
 from pipeline.data.labels import CQ500_LABELS, RSNA_LABELS
 from pipeline.data.phantom_anatomy import (
     BLEEDS,

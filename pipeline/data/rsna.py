@@ -29,7 +29,9 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.data.index import (
+from pipeline.data.labels import RSNA_LABELS
+from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
+from pipeline.data.series import (
     SIDECAR_SUFFIXES,
     SliceHeader,
     order_series,
@@ -39,8 +41,6 @@ from pipeline.data.index import (
     slice_refs,
     split_headers,
 )
-from pipeline.data.labels import RSNA_LABELS
-from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,8 @@ scans that cannot be used become `Reject`s with a reason instead of stopping the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from pipeline import csv_safe
+from cache.rejects import REJECT_FIELDS, Reject, write_rejects  # noqa: F401 - re-exported for the readers
 
 
 @dataclass
@@ -36,30 +35,9 @@ class ScanRecord:
 
 
 @dataclass
-class Reject:
-    """A file or scan left out, and why. Written to the rejects CSV beside the cache."""
-
-    path: str
-    reason: str
-    scan_id: str = ""
-
-
-@dataclass
 class ScanIndex:
     layout: str                    # rsna | cq500 | folder
     root: str
     label_names: list[str]
     scans: list[ScanRecord] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
-
-
-REJECT_FIELDS = ["scan_id", "path", "reason"]
-
-
-def write_rejects(rejects: list[Reject], path: str | Path) -> None:
-    """Write (replace) a rejects CSV: one row per left-out file or scan with its reason."""
-    with open(path, "w", newline="") as handle:
-        writer = csv_safe.dict_writer(handle, fieldnames=REJECT_FIELDS)
-        writer.writeheader()
-        for reject in rejects:
-            writer.writerow({"scan_id": reject.scan_id, "path": reject.path, "reason": reject.reason})

@@ -6,15 +6,12 @@ the vectors, naming the field, so a head is never trained on features of another
 
 from __future__ import annotations
 
+from cache.provenance import CHECKED_FIELDS, provenance_differences  # noqa: F401 - re-exported for stage two
 from pipeline import __version__
 
 ENCODER_NAME = "vgg16"
 # Bump when preprocessing (HU, windows, resize, normalisation) changes the pixels fed to VGG16.
 PREPROCESS_VERSION = 1
-
-# Fields compared between a cache and a config; software_version and the digest are recorded
-# for the reader but do not by themselves make a cache unusable.
-CHECKED_FIELDS = ("encoder", "weights", "resolutions", "windows", "aps_source", "preprocess_version")
 
 
 def config_provenance(extract_config: dict) -> dict:
@@ -29,22 +26,3 @@ def config_provenance(extract_config: dict) -> dict:
         "preprocess_version": PREPROCESS_VERSION,
         "software_version": __version__,
     }
-
-
-def _normalise(field: str, value):
-    if field == "windows" and value is not None:
-        return [[float(c), float(w)] for c, w in value]
-    if field == "resolutions" and value is not None:
-        return [int(r) for r in value]
-    return value
-
-
-def provenance_differences(cache_provenance: dict, expected: dict) -> list[str]:
-    """Human-readable differences in CHECKED_FIELDS, e.g. "aps_source: cache has 'native', config wants 'upsampled'"."""
-    differences = []
-    for field in CHECKED_FIELDS:
-        have = _normalise(field, cache_provenance.get(field))
-        want = _normalise(field, expected.get(field))
-        if have != want:
-            differences.append(f"{field}: cache has {have!r}, config wants {want!r}")
-    return differences

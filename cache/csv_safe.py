@@ -1,5 +1,8 @@
 """CSV cells that a spreadsheet will not run as formulas (CSV injection, OWASP).
 
+It lives in the cache package (the leaf every other package may import) because the rejects
+CSV beside a cache is written here; pipeline and stages use the same helper.
+
 A DICOM tag such as ``=HYPERLINK("http://...")`` that reaches predictions.csv or a rejects list
 becomes a live formula when someone opens the file in Excel or LibreOffice. Every CSV the
 project writes goes through `writer` / `dict_writer`, which prefix a text cell beginning with
