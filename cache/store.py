@@ -19,12 +19,19 @@ Layout of one HDF5 file::
 
 A scan's slices are the contiguous rows offset..offset+n_slices of every /slices and /features
 array, so one scan at one resolution is a single slice read (O(1) lookup through the scan table).
+
+Integrity: every numeric dataset carries HDF5's Fletcher32 checksum per chunk, so h5py raises on
+a flipped byte when the chunk is read (HDF5 filters cannot apply to variable-length strings, so
+each string dataset carries a ``sha256`` attribute over its values instead). `FeatureCache`
+turns a checksum failure, a truncated file and NaN/inf vectors into a `CacheError`; a cache
+written before checksums existed still opens (`cache verify` notes that it has none).
 The writer produces the file under a temporary name and renames it into place, and `complete`
 is set last: a file without it is never accepted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -71,6 +78,73 @@ class ScanTable:
         return slice(start, start + int(self.n_slices[index]))
 
 
+def strings_digest(values) -> str:
+    """sha256 of a string dataset's values (length-prefixed UTF-8), the checksum of /.../str arrays."""
+    digest = hashlib.sha256()
+    for value in values:
+        data = value if isinstance(value, bytes) else str(value).encode("utf-8", errors="surrogateescape")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def storable(value) -> str:
+    """A str h5py can store as UTF-8: NULs removed, undecodable surrogates (odd file names) replaced."""
+    text = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", errors="replace").decode("utf-8")
+    return text
+
+
+def create_checked(f: h5py.File | h5py.Group, name: str, data, **kwargs) -> h5py.Dataset:
+    """Create a dataset with its checksum: Fletcher32 per chunk for numbers, a sha256 attribute for strings."""
+    array = np.asarray(data)
+    if array.dtype == object or array.dtype.kind in "US":
+        values = [storable(v) for v in array.reshape(-1)]
+        dataset = f.create_dataset(name, data=np.array(values, dtype=object).reshape(array.shape), dtype=STR)
+        dataset.attrs["sha256"] = strings_digest(values)
+        return dataset
+    return f.create_dataset(name, data=array, fletcher32=True, **kwargs)
+
+
+def read_checked(dataset: h5py.Dataset, where: str = ""):
+    """All values of a dataset, its checksum verified; `CacheError` naming the dataset on a mismatch."""
+    try:
+        values = dataset[()]
+    except OSError as exc:
+        raise CacheError(_corrupt_message(where, dataset.name, exc)) from None
+    expected = dataset.attrs.get("sha256")
+    if expected is not None:
+        expected = expected.decode() if isinstance(expected, bytes) else str(expected)
+        if strings_digest(np.asarray(values).reshape(-1)) != expected:
+            raise CacheError(_corrupt_message(where, dataset.name, "sha256 of the strings does not match"))
+    return values
+
+
+def _corrupt_message(where, name: str, detail) -> str:
+    detail = (str(detail).strip().splitlines() or [""])[0]
+    return (
+        f"{where}: dataset {name} is corrupt (checksum mismatch: {detail}). The file was damaged after it "
+        "was written; run `drct cache verify` on it, and re-extract (remove the file first)"
+    )
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    """Open an HDF5 file read-only; a truncated or damaged file is a `CacheError` with one clear line."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise CacheError(
+            f"{path} is not a readable feature cache (truncated or damaged HDF5 file: {detail}); "
+            "remove it and run `drct extract` again"
+        ) from None
+
+
 def _decode(values) -> np.ndarray:
     return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
 
@@ -109,7 +183,7 @@ class FeatureCache:
             raise CacheError(f"feature cache not found: {self.path}.{hint}")
         self._file: h5py.File | None = None
         self._pid: int | None = None
-        with h5py.File(self.path, "r") as handle:
+        with open_h5(self.path) as handle:
             attrs = {key: decode_attr(value) for key, value in handle.attrs.items()}
             version = attrs.get("schema_version")
             if version != SCHEMA_VERSION:
@@ -130,7 +204,7 @@ class FeatureCache:
     def file(self) -> h5py.File:
         """The HDF5 handle of this process (reopened after a fork)."""
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            self._file = open_h5(self.path)
             self._pid = os.getpid()
         return self._file
 
@@ -156,16 +230,23 @@ class FeatureCache:
     def table(self) -> ScanTable:
         if self._table is None:
             f = self.file
+
+            def read(name: str):
+                try:
+                    return read_checked(f[name], str(self.path))
+                except KeyError:
+                    raise CacheError(f"{self.path}: dataset /{name} is missing; the cache is damaged") from None
+
             self._table = ScanTable(
-                scan_id=_decode(f["scans/scan_id"][:]),
-                patient_id=_decode(f["scans/patient_id"][:]),
-                labels=f["scans/labels"][:].astype(np.float32),
-                offset=f["scans/offset"][:].astype(np.int64),
-                n_slices=f["scans/n_slices"][:].astype(np.int32),
-                z=f["slices/z"][:],
-                sop_uid=_decode(f["slices/sop_uid"][:]),
-                path=_decode(f["slices/path"][:]),
-                slice_labels=f["slices/labels"][:].astype(np.int8),
+                scan_id=_decode(read("scans/scan_id")),
+                patient_id=_decode(read("scans/patient_id")),
+                labels=read("scans/labels").astype(np.float32),
+                offset=read("scans/offset").astype(np.int64),
+                n_slices=read("scans/n_slices").astype(np.int32),
+                z=read("slices/z"),
+                sop_uid=_decode(read("slices/sop_uid")),
+                path=_decode(read("slices/path")),
+                slice_labels=read("slices/labels").astype(np.int8),
             )
         return self._table
 
@@ -190,13 +271,34 @@ class FeatureCache:
         return f"features/{int(resolution)}"
 
     def features(self, scan: int | str, resolution: int) -> np.ndarray:
-        """(n_slices, 512) float16 vectors of one scan at one resolution, in z order."""
+        """(n_slices, 512) float16 vectors of one scan at one resolution, in z order (checked:
+        checksums and finite values)."""
         index = self.index_of(scan) if isinstance(scan, str) else int(scan)
-        return self.file[self._check_resolution(resolution)][self.table.rows(index)]
+        name = self._check_resolution(resolution)
+        return self.checked_rows(name, self.table.rows(index))
 
     def load_all(self, resolution: int, dtype=np.float16) -> np.ndarray:
         """Every slice vector at one resolution, (n_total_slices, 512): for in-memory training."""
-        return self.file[self._check_resolution(resolution)][:].astype(dtype, copy=False)
+        return self.checked_rows(self._check_resolution(resolution), slice(None)).astype(dtype, copy=False)
+
+    def checked_rows(self, name: str, rows) -> np.ndarray:
+        """Rows of a feature array; a checksum mismatch or a NaN/inf value is a `CacheError`."""
+        try:
+            values = self.file[name][rows]
+        except OSError as exc:
+            raise CacheError(_corrupt_message(self.path, "/" + name, exc)) from None
+        check_finite(values, f"{self.path}: /{name}")
+        return values
+
+
+def check_finite(values: np.ndarray, where: str) -> None:
+    """`CacheError` when feature vectors hold NaN or inf (they would train to a NaN loss)."""
+    finite = np.isfinite(values).all(axis=-1) if values.size else np.ones(0, bool)
+    if not finite.all():
+        raise CacheError(
+            f"{where}: {int((~finite).sum())} slice vectors contain NaN or inf; the cache is unusable "
+            "(run `drct cache verify`, fix or reject the inputs and re-extract)"
+        )
 
 
 def write_cache(
@@ -237,25 +339,25 @@ def write_cache(
         f.attrs["schema_version"] = SCHEMA_VERSION
         for key, value in attrs.items():
             f.attrs[key] = encode_attr(value)
-        f.create_dataset("scans/scan_id", data=np.array(list(scan_ids), dtype=object), dtype=STR)
-        f.create_dataset("scans/patient_id", data=np.array(list(patient_ids), dtype=object), dtype=STR)
-        f.create_dataset("scans/labels", data=np.asarray(scan_labels, np.float32).reshape(len(n_slices), n_classes))
-        f.create_dataset("scans/offset", data=offset)
-        f.create_dataset("scans/n_slices", data=n_slices)
-        f.create_dataset("slices/z", data=np.asarray(z, np.float64))
-        f.create_dataset("slices/sop_uid", data=np.array(list(sop_uids), dtype=object), dtype=STR)
-        f.create_dataset("slices/path", data=np.array(list(paths), dtype=object), dtype=STR)
-        f.create_dataset("slices/labels", data=np.asarray(slice_labels, np.int8).reshape(total, n_classes))
+        create_checked(f, "scans/scan_id", np.array(list(scan_ids), dtype=object))
+        create_checked(f, "scans/patient_id", np.array(list(patient_ids), dtype=object))
+        create_checked(f, "scans/labels", np.asarray(scan_labels, np.float32).reshape(len(n_slices), n_classes))
+        create_checked(f, "scans/offset", offset)
+        create_checked(f, "scans/n_slices", n_slices)
+        create_checked(f, "slices/z", np.asarray(z, np.float64))
+        create_checked(f, "slices/sop_uid", np.array(list(sop_uids), dtype=object))
+        create_checked(f, "slices/path", np.array(list(paths), dtype=object))
+        create_checked(f, "slices/labels", np.asarray(slice_labels, np.int8).reshape(total, n_classes))
         for resolution, array in features.items():
             chunk_rows = max(1, min(total, 4096))
-            f.create_dataset(
+            create_checked(
+                f,
                 f"features/{int(resolution)}",
-                data=np.asarray(array, np.float16),
+                np.asarray(array, np.float16),
                 chunks=(chunk_rows, FEATURE_DIM) if total else None,
             )
         for name, array in (extra or {}).items():
-            array = np.asarray(array)
-            f.create_dataset(name, data=array, dtype=STR if array.dtype == object else array.dtype)
+            create_checked(f, name, array)
         f.attrs["complete"] = True
         f.flush()
     _fsync_path(tmp)  # the bytes are on disk before the name points at them (crash safety)

@@ -46,7 +46,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.store import FEATURE_DIM, STR, CacheError, FeatureCache, ScanTable, encode_attr
+from cache.store import (
+    FEATURE_DIM,
+    STR,
+    CacheError,
+    FeatureCache,
+    ScanTable,
+    _corrupt_message,
+    check_finite,
+    encode_attr,
+)
 from pipeline import __version__
 
 FORMATS = ("npz", "parquet", "h5")
@@ -165,8 +174,12 @@ def read_batches(cache: FeatureCache, selection: Selection, resolutions: Sequenc
         for resolution in resolutions:
             dataset = cache.file[f"features/{resolution}"]
             out = np.empty((len(rows), FEATURE_DIM), dtype=dataset.dtype)
-            for dest, src, length in runs:
-                dataset.read_direct(out, np.s_[src:src + length], np.s_[dest:dest + length])
+            try:
+                for dest, src, length in runs:
+                    dataset.read_direct(out, np.s_[src:src + length], np.s_[dest:dest + length])
+            except OSError as exc:  # Fletcher32 mismatch: a damaged chunk is never exported
+                raise CacheError(_corrupt_message(cache.path, dataset.name, exc)) from None
+            check_finite(out, f"{cache.path}: {dataset.name}")
             features[resolution] = out
         start = int(selection.offset[positions[0]])
         yield Batch(positions=positions, scans=selection.scans[positions], rows=rows,
