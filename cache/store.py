@@ -16,6 +16,9 @@ Layout of one HDF5 file::
     /rejects/scan_id, /rejects/path, /rejects/reason   str (n_rejects,)  optional: slices and scans
                                                     left out by extraction (cache/writer.py)
     /rejects/rejected_scan_id  str                  optional: scans with no decodable slice
+    /rejects/rejected_fingerprint, /rejects/from_index  optional: their input fingerprints; 1 for
+                                                    rejects of the index (no labels, localizer ...)
+    /scans/fingerprint  str (n_scans,)              optional: input fingerprint of each scan (resume)
 
 A scan's slices are the contiguous rows offset..offset+n_slices of every /slices and /features
 array, so one scan at one resolution is a single slice read (O(1) lookup through the scan table).
@@ -315,12 +318,14 @@ def write_cache(
     features: dict[int, np.ndarray],
     attrs: dict,
     extra: dict[str, np.ndarray] | None = None,
+    fingerprints=None,
 ) -> Path:
     """Write a complete cache atomically: to `<path>.tmp`, `complete` set last, then renamed.
 
     `attrs` must contain every PROVENANCE_KEYS entry plus label_names; `features` maps each
     resolution to an (n_total_slices, 512) array. `extra` maps further dataset names to arrays
     (object arrays are stored as UTF-8 strings), e.g. the /rejects tables of stage one.
+    `fingerprints`: optional per-scan input fingerprints (/scans/fingerprint, see cache/writer.py).
     """
     path = Path(path)
     missing = [key for key in (*PROVENANCE_KEYS, "label_names") if key not in attrs]
@@ -344,6 +349,8 @@ def write_cache(
         create_checked(f, "scans/labels", np.asarray(scan_labels, np.float32).reshape(len(n_slices), n_classes))
         create_checked(f, "scans/offset", offset)
         create_checked(f, "scans/n_slices", n_slices)
+        if fingerprints is not None:
+            create_checked(f, "scans/fingerprint", np.array(list(fingerprints), dtype=object))
         create_checked(f, "slices/z", np.asarray(z, np.float64))
         create_checked(f, "slices/sop_uid", np.array(list(sop_uids), dtype=object))
         create_checked(f, "slices/path", np.array(list(paths), dtype=object))

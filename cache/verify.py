@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from cache.store import FEATURE_DIM, PROVENANCE_KEYS, SCHEMA_VERSION, _decode, decode_attr, strings_digest
-from cache.writer import MANIFEST, PART_PREFIX, parts_dir, read_rejects_tables
+from cache.writer import MANIFEST, PART_PREFIX, _commit_seq, parts_dir, read_rejects_tables
 
 CHUNK_ROWS = 65536
 
@@ -199,7 +199,8 @@ def verify_parts(parts: str | Path) -> Report:
     n_total = int(manifest.get("n_scans", 0))
     seen: set[str] = set()
     done = 0
-    files = sorted(parts.glob(f"{PART_PREFIX}*.h5"))
+    files = sorted(sorted(parts.glob(f"{PART_PREFIX}*.h5")), key=_commit_seq)
+    superseded = 0
     for part in files:
         sub = verify_cache(part)
         for problem in sub.problems:
@@ -208,16 +209,18 @@ def verify_parts(parts: str | Path) -> Report:
             continue
         with h5py.File(part, "r") as f:
             ids = list(_decode(f["scans/scan_id"][:])) + read_rejects_tables(f)[1]
+        # A later part holding a scan again re-extracted it after its inputs changed: it supersedes.
         twice = seen.intersection(ids)
-        if twice:
-            report.fail(f"{part.name}: scans already in another part: {', '.join(sorted(twice)[:5])}")
+        superseded += len(twice)
         seen.update(ids)
-        done += len(ids)
+        done += len(set(ids) - twice)
     leftovers = sorted(p.name for p in parts.glob("*.tmp"))
     report.notes.append(
         f"unfinished extraction: {done} of {n_total} scans committed in {len(files)} parts"
         + (f"; {len(leftovers)} temporary files from an interrupted write (deleted on resume)" if leftovers else "")
     )
+    if superseded:
+        report.notes.append(f"{superseded} scans re-extracted after their inputs changed (the later part wins)")
     report.notes.append("run drct extract again (same settings) to resume")
     return report
 
@@ -283,6 +286,6 @@ def cache_info(path: str | Path) -> str:
                 lines.append(f"             positive slices ({int(slice_known.sum())} labelled): {positives}")
         else:
             lines.append("classes      none (unlabelled layout)")
-        extraction_rejects, rejected = read_rejects_tables(cache.file)
+        extraction_rejects, rejected = read_rejects_tables(cache.file, with_index=False)
         lines.append(f"rejects      {len(extraction_rejects)} at extraction ({len(rejected)} whole scans)")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from cache.store import CacheError
-from cache.writer import PartsWriter, ScanFeatures, Unit
+from cache.writer import PartsWriter, ScanFeatures, Unit, input_fingerprint
 from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
 from pipeline.features.encoder import EncoderRunner, load_encoder, resolve_device
 from pipeline.features.preprocess import (
@@ -273,13 +273,21 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
     scan_order = [s.scan_id for s in index.scans]
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
 
+    # What identifies each scan's inputs (size and mtime of every slice file): a scan whose files
+    # changed, appeared or disappeared since it was extracted is extracted again on resume.
+    fingerprints = {s.scan_id: input_fingerprint([sl.path for sl in s.slices], index.root) for s in index.scans}
+
     with PartsWriter(out, manifest) as writer:
-        todo = [i for i, s in enumerate(index.scans) if s.scan_id not in writer.done]
+        changed = [s.scan_id for s in index.scans if s.scan_id in writer.done and writer.needs(s.scan_id, fingerprints[s.scan_id])]
+        todo = [i for i, s in enumerate(index.scans) if writer.needs(s.scan_id, fingerprints[s.scan_id])]
         skipped = len(index.scans) - len(todo)
-        if not todo and not writer.part_files() and writer.previous_cache is not None:
+        if not todo and writer.up_to_date(scan_order):
             writer.discard_parts()
             log(f"{out} is up to date: all {len(index.scans)} scans are in it")
             return ExtractResult(out, None, len(index.scans), 0, 0, skipped, 0.0, 0.0, 0.0, up_to_date=True)
+        if changed:
+            log(f"{len(changed)} scans changed since they were extracted (files edited, added or removed): "
+                f"extracting them again")
         if skipped:
             log(f"resuming: {skipped} of {len(index.scans)} scans already done, {len(todo)} to go")
         units: dict[int, list[int]] = {}
@@ -342,6 +350,7 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
                             bar.update(done)
                     if not kept:
                         unit.rejected_scan_ids.append(scan.scan_id)
+                        unit.rejected_fingerprints.append(fingerprints[scan.scan_id])
                         unit.rejects.append(
                             Reject(
                                 path=_scan_dir(scan),
@@ -370,6 +379,7 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
                             paths=[s.path for s in slices],
                             slice_labels=[s.labels for s in slices],
                             features={r: vectors[r][rows] for r in resolutions},
+                            fingerprint=fingerprints[scan.scan_id],
                         )
                     )
                 writer.commit(unit)
