@@ -34,9 +34,12 @@ is set last: a file without it is never accepted.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +63,54 @@ STR = h5py.string_dtype("utf-8")
 
 class CacheError(RuntimeError):
     """A cache that cannot be used; the message says what is wrong and what to do."""
+
+
+class DiskSpaceError(CacheError):
+    """Not enough free space where a cache file is written (checked before writing, or ENOSPC)."""
+
+
+MB = 1 << 20
+IN_MEMORY_BYTES = 256 * MB  # files up to this size (every commit unit) are built in memory, then written
+
+
+def free_bytes(directory: str | Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return -1
+
+
+def check_free_space(directory: str | Path, needed: int, what: str) -> None:
+    """`DiskSpaceError` before a write that cannot fit: writing HDF5 into a full disk ends in an
+    h5py error cascade (and, seen in practice, a segfault), so a write is never started that way."""
+    free = free_bytes(directory)
+    if 0 <= free < needed:
+        raise DiskSpaceError(
+            f"no space left on the device of {directory}: {what} needs about {needed / MB:.1f} MB, "
+            f"{free / MB:.1f} MB are free"
+        )
+
+
+def storage_error(exc: BaseException, path: Path, needed: int) -> CacheError:
+    """A failed write as one clear CacheError: full disk, unwritable folder, or other I/O error."""
+    text = str(exc)
+    first = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+    errno_ = getattr(exc, "errno", None)
+    if errno_ in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "Disk quota" in text:
+        return DiskSpaceError(
+            f"no space left on the device of {path.parent} while writing {path.name}: it needs about "
+            f"{needed / MB:.1f} MB, {max(0, free_bytes(path.parent)) / MB:.1f} MB are free"
+        )
+    if errno_ in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text or "Read-only" in text:
+        return CacheError(f"cannot write {path}: the folder is not writable ({first})")
+    return CacheError(f"cannot write {path} ({first}); check --out and its folder")
+
+
+def remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 @dataclass
@@ -338,39 +389,68 @@ def write_cache(
     for resolution, array in features.items():
         if array.shape != (total, FEATURE_DIM):
             raise CacheError(f"features at {resolution} have shape {array.shape}, expected ({total}, {FEATURE_DIM})")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        for key, value in attrs.items():
-            f.attrs[key] = encode_attr(value)
-        create_checked(f, "scans/scan_id", np.array(list(scan_ids), dtype=object))
-        create_checked(f, "scans/patient_id", np.array(list(patient_ids), dtype=object))
-        create_checked(f, "scans/labels", np.asarray(scan_labels, np.float32).reshape(len(n_slices), n_classes))
-        create_checked(f, "scans/offset", offset)
-        create_checked(f, "scans/n_slices", n_slices)
-        if fingerprints is not None:
-            create_checked(f, "scans/fingerprint", np.array(list(fingerprints), dtype=object))
-        create_checked(f, "slices/z", np.asarray(z, np.float64))
-        create_checked(f, "slices/sop_uid", np.array(list(sop_uids), dtype=object))
-        create_checked(f, "slices/path", np.array(list(paths), dtype=object))
-        create_checked(f, "slices/labels", np.asarray(slice_labels, np.int8).reshape(total, n_classes))
-        for resolution, array in features.items():
-            chunk_rows = max(1, min(total, 4096))
-            create_checked(
-                f,
-                f"features/{int(resolution)}",
-                np.asarray(array, np.float16),
-                chunks=(chunk_rows, FEATURE_DIM) if total else None,
-            )
-        for name, array in (extra or {}).items():
-            create_checked(f, name, array)
-        f.attrs["complete"] = True
-        f.flush()
-    _fsync_path(tmp)  # the bytes are on disk before the name points at them (crash safety)
-    os.replace(tmp, path)
+    arrays = [np.asarray(a) for a in (scan_labels, z, slice_labels, *features.values())]
+    chunked = sum(-(-total // max(1, min(total, 4096))) * max(1, min(total, 4096)) * FEATURE_DIM * 2 for _ in features)
+    strings = sum(len(str(v)) + 16 for values in (scan_ids, patient_ids, sop_uids, paths) for v in values)
+    needed = int(1.05 * (sum(a.nbytes for a in arrays[:3]) + chunked + strings)) + 64 * 1024
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_free_space(path.parent, needed, f"writing {path.name}")
+        args = (attrs, scan_ids, patient_ids, scan_labels, n_slices, offset, fingerprints, z, sop_uids, paths,
+                slice_labels, features, extra, total, n_classes)
+        if needed <= IN_MEMORY_BYTES:
+            # Built in memory, then written with plain file I/O: if the disk fills after the check
+            # (another writer), that is an OSError here, never h5py failing mid-file (which can segfault).
+            buffer = io.BytesIO()
+            with h5py.File(buffer, "w") as f:
+                _fill(f, *args)
+            with open(tmp, "wb") as handle:
+                handle.write(buffer.getbuffer())
+        else:
+            with h5py.File(tmp, "w") as f:
+                _fill(f, *args)
+        _fsync_path(tmp)  # the bytes are on disk before the name points at them (crash safety)
+        os.replace(tmp, path)
+    except DiskSpaceError:
+        remove_quietly(tmp)
+        raise
+    except (OSError, RuntimeError) as exc:  # h5py reports some I/O failures as RuntimeError
+        remove_quietly(tmp)
+        raise storage_error(exc, path, needed) from None
     _fsync_path(path.parent)
     return path
+
+
+def _fill(f, attrs, scan_ids, patient_ids, scan_labels, n_slices, offset, fingerprints, z, sop_uids, paths,
+          slice_labels, features, extra, total, n_classes) -> None:
+    """The datasets and attributes of `write_cache`, `complete` last."""
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    for key, value in attrs.items():
+        f.attrs[key] = encode_attr(value)
+    create_checked(f, "scans/scan_id", np.array(list(scan_ids), dtype=object))
+    create_checked(f, "scans/patient_id", np.array(list(patient_ids), dtype=object))
+    create_checked(f, "scans/labels", np.asarray(scan_labels, np.float32).reshape(len(n_slices), n_classes))
+    create_checked(f, "scans/offset", offset)
+    create_checked(f, "scans/n_slices", n_slices)
+    if fingerprints is not None:
+        create_checked(f, "scans/fingerprint", np.array(list(fingerprints), dtype=object))
+    create_checked(f, "slices/z", np.asarray(z, np.float64))
+    create_checked(f, "slices/sop_uid", np.array(list(sop_uids), dtype=object))
+    create_checked(f, "slices/path", np.array(list(paths), dtype=object))
+    create_checked(f, "slices/labels", np.asarray(slice_labels, np.int8).reshape(total, n_classes))
+    for resolution, array in features.items():
+        chunk_rows = max(1, min(total, 4096))
+        create_checked(
+            f,
+            f"features/{int(resolution)}",
+            np.asarray(array, np.float16),
+            chunks=(chunk_rows, FEATURE_DIM) if total else None,
+        )
+    for name, array in (extra or {}).items():
+        create_checked(f, name, array)
+    f.attrs["complete"] = True
+    f.flush()
 
 
 def _fsync_path(path: str | Path) -> None:

@@ -56,10 +56,14 @@ from cache.provenance import provenance_differences
 from cache.rejects import Reject, write_rejects
 from cache.store import (
     FEATURE_DIM,
+    MB,
     CacheError,
+    DiskSpaceError,
     _decode,
     _fsync_path,
     decode_attr,
+    remove_quietly,
+    storage_error,
     write_cache,
 )
 
@@ -163,6 +167,7 @@ class PartsWriter:
         self.manifest = {"format": MANIFEST_FORMAT, "version": 1, **manifest}
         self._lock_fd: int | None = None
         self.done: set[str] = set()
+        self.job_bytes = 0   # estimate of the space the whole extraction needs (set by the caller)
         self.fingerprints: dict[str, str] = {}   # scan id -> recorded input fingerprint (latest source)
         self.previous_cache: Path | None = None
         self.previous_scans: set[str] = set()
@@ -177,8 +182,11 @@ class PartsWriter:
         self.close()
 
     def open(self) -> None:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path(self.out), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path(self.out), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise storage_error(exc, lock_path(self.out), 0) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -244,8 +252,12 @@ class PartsWriter:
                     f"or remove {self.parts} to start over."
                 )
         else:
-            self.parts.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(manifest_file, json.dumps(self.manifest, indent=1, sort_keys=True))
+            try:
+                self.parts.mkdir(parents=True, exist_ok=True)
+                _atomic_write_text(manifest_file, json.dumps(self.manifest, indent=1, sort_keys=True))
+            except OSError as exc:
+                remove_quietly(manifest_file.with_name(manifest_file.name + ".tmp"))
+                raise storage_error(exc, manifest_file, 0) from None
         for tmp in self.parts.glob("*.tmp"):
             tmp.unlink()
         for part in self.part_files():
@@ -299,12 +311,15 @@ class PartsWriter:
         part = self.parts / f"{PART_PREFIX}{unit.first_index:08d}.h5"
         if part.exists():  # a re-extraction of changed scans: never overwrite the part it supersedes
             part = self.parts / f"{PART_PREFIX}{unit.first_index:08d}-{self._seq:06d}.h5"
-        write_cache(
-            part,
-            **tables,
-            attrs=self._attrs({"commit_seq": self._seq}),
-            extra=rejects_tables(unit.rejects, unit.rejected_scan_ids, unit.rejected_fingerprints),
-        )
+        try:
+            write_cache(
+                part,
+                **tables,
+                attrs=self._attrs({"commit_seq": self._seq}),
+                extra=rejects_tables(unit.rejects, unit.rejected_scan_ids, unit.rejected_fingerprints),
+            )
+        except DiskSpaceError as exc:
+            raise self._space_error(exc) from None
         self.done.update(s.scan_id for s in unit.scans)
         self.done.update(unit.rejected_scan_ids)
         self.fingerprints.update({s.scan_id: s.fingerprint for s in unit.scans})
@@ -323,20 +338,37 @@ class PartsWriter:
         rejected_fingerprints = merged.pop("rejected_fingerprints")
         csv_path = rejects_path(self.out)
         tmp_csv = csv_path.with_suffix(".csv.tmp")
-        write_rejects(rejects, tmp_csv)
-        _fsync_path(tmp_csv)
-        os.replace(tmp_csv, csv_path)
-        write_cache(
-            self.out,
-            **merged,
-            attrs=self._attrs({}),
-            extra={
-                **rejects_tables(index_rejects + extraction_rejects, rejected_scan_ids, rejected_fingerprints),
-                "rejects/from_index": np.array([1] * len(index_rejects) + [0] * len(extraction_rejects), np.int8),
-            },
-        )
+        try:
+            write_rejects(rejects, tmp_csv)
+            _fsync_path(tmp_csv)
+            os.replace(tmp_csv, csv_path)
+        except OSError as exc:
+            remove_quietly(tmp_csv)
+            error = storage_error(exc, csv_path, 0)
+            raise (self._space_error(error) if isinstance(error, DiskSpaceError) else error) from None
+        try:
+            write_cache(
+                self.out,
+                **merged,
+                attrs=self._attrs({}),
+                extra={
+                    **rejects_tables(index_rejects + extraction_rejects, rejected_scan_ids, rejected_fingerprints),
+                    "rejects/from_index": np.array([1] * len(index_rejects) + [0] * len(extraction_rejects), np.int8),
+                },
+            )
+        except DiskSpaceError as exc:
+            raise self._space_error(exc, merging=True) from None
         shutil.rmtree(self.parts, ignore_errors=True)
         return self.out, csv_path, len(rejects)
+
+    def _space_error(self, exc: DiskSpaceError, merging: bool = False) -> DiskSpaceError:
+        """A full disk, with what the whole extraction needs and how to go on (nothing committed is lost)."""
+        job = f"; the whole extraction needs about {self.job_bytes / MB:.0f} MB there" if self.job_bytes else ""
+        step = "the final merge (it writes the cache beside the parts)" if merging else "committing scans"
+        return DiskSpaceError(
+            f"{exc} ({step}){job}. Free space (or give another --out) and run the same command again: "
+            f"the {len(self.done)} scans committed so far are kept"
+        )
 
     def discard_parts(self) -> None:
         """Remove a parts folder whose content is already in OUT (a crash after the merge)."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.store import CacheError
+from cache.store import FEATURE_DIM, MB, CacheError, free_bytes
 from cache.writer import PartsWriter, ScanFeatures, Unit, input_fingerprint
 from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
 from pipeline.features.encoder import EncoderRunner, load_encoder, resolve_device
@@ -290,6 +290,14 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
                 f"extracting them again")
         if skipped:
             log(f"resuming: {skipped} of {len(index.scans)} scans already done, {len(todo)} to go")
+        # Space: each slice is 1 KiB per resolution in the parts and again in the merged cache.
+        all_slices = sum(len(s.slices) for s in index.scans)
+        writer.job_bytes = int(all_slices * len(resolutions) * FEATURE_DIM * 2 * 2 * 1.1) + MB
+        free = free_bytes(out.parent)
+        if 0 <= free < writer.job_bytes:
+            log(f"warning: {out.parent} has {free / MB:.0f} MB free; this extraction needs about "
+                f"{writer.job_bytes / MB:.0f} MB (parts, then the merged cache); it stops cleanly, "
+                "keeping what is committed, if the disk fills")
         units: dict[int, list[int]] = {}
         for i in todo:
             units.setdefault(i // scans_per_commit, []).append(i)
