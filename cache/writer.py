@@ -71,7 +71,9 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "drct-extract-parts"
 PART_PREFIX = "unit-"
 # Fields besides provenance_differences' CHECKED_FIELDS that must match for a resume.
-RESUME_FIELDS = ("weights_digest", "precision", "label_names", "layout", "data_root")
+RESUME_FIELDS = ("weights_digest", "precision", "label_names", "layout", "data_root", "ids", "id_key")
+# Caches written before ids were pseudonymised kept them verbatim.
+RESUME_DEFAULTS = {"ids": "kept", "id_key": ""}
 
 
 class ResumeRefused(CacheError):
@@ -140,8 +142,8 @@ class Unit:
 def _differences(have: dict, want: dict) -> list[str]:
     differences = provenance_differences(have.get("provenance", {}), want["provenance"])
     for key in RESUME_FIELDS:
-        a = have.get("provenance", {}).get(key, have.get(key))
-        b = want["provenance"].get(key, want.get(key))
+        a = have.get("provenance", {}).get(key, have.get(key, RESUME_DEFAULTS.get(key)))
+        b = want["provenance"].get(key, want.get(key, RESUME_DEFAULTS.get(key)))
         if a != b:
             differences.append(f"{key}: existing has {a!r}, this run has {b!r}")
     return differences
@@ -299,6 +301,8 @@ class PartsWriter:
             "label_names": list(m["label_names"]),
             "layout": m["layout"],
             "data_root": m["data_root"],
+            "ids": m.get("ids", "kept"),
+            "id_key": m.get("id_key", ""),
             **extra,
         }
 

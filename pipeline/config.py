@@ -82,6 +82,8 @@ class DatasetSchema(_Section):
     labels: str | None = None
     scan_labels: str | None = None
     allow_modalities: list[Annotated[str, Field(min_length=1)]] = Field(default=["CT"], min_length=1)
+    keep_ids: bool = False
+    pseudonym_key: str | None = None
 
 
 class PhantomSchema(_Section):

@@ -36,9 +36,12 @@ def _resolutions(value: str | None) -> list[int] | None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="auto = bf16 where fast [extract.precision].")
 @click.option("--scans-per-commit", type=int, help="Scans per crash-safe commit unit [extract.scans_per_commit].")
 @click.option("--decode-chunk", type=int, help="Slices per dask decoding task [extract.decode_chunk].")
+@click.option("--keep-ids", is_flag=True, default=None,
+              help="Store patient and scan ids verbatim (data already de-identified, e.g. RSNA, CQ500); "
+                   "default: keyed pseudonyms [dataset.keep_ids].")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar with slices/s on stderr.")
 def extract(config_path, data, layout, labels, out, resolutions, weights, aps_source, device, scheduler, workers,
-            batch_size, precision, scans_per_commit, decode_chunk, progress):
+            batch_size, precision, scans_per_commit, decode_chunk, keep_ids, progress):
     """Stage one: run the frozen VGG16 over every slice of every scan at every resolution.
 
     \b
@@ -53,16 +56,20 @@ def extract(config_path, data, layout, labels, out, resolutions, weights, aps_so
     (OUT.parts/); run the same command again after a crash or kill and it
     continues where it stopped. A changed configuration is refused, naming the
     field. Undecodable slices or scans go to OUT's .rejects.csv with a reason.
+    Patient and scan ids are stored as keyed pseudonyms unless --keep-ids (the key
+    stays beside the data, never in the cache).
     """
     from cache.store import CacheError
     from pipeline.features.encoder import EncoderError
     from pipeline.features.extraction import run_extraction
     from pipeline.features.preprocess import PreprocessError
+    from pipeline.pseudonym import PseudonymError
 
     overrides = {
         "dataset.data": data,
         "dataset.layout": layout,
         "dataset.labels": labels,
+        "dataset.keep_ids": keep_ids,
         "extract.out": out,
         "extract.resolutions": _resolutions(resolutions),
         "extract.weights": weights,
@@ -86,7 +93,7 @@ def extract(config_path, data, layout, labels, out, resolutions, weights, aps_so
     index = _build_index(root, dataset["layout"], dataset.get("labels"), progress, dataset.get("allow_modalities"))
     try:
         run_extraction(index, config, progress=progress)
-    except (CacheError, EncoderError, PreprocessError, ConfigError) as exc:
+    except (CacheError, EncoderError, PreprocessError, ConfigError, PseudonymError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -53,6 +53,7 @@ def predict_folder(
     reports: bool = True,
     show_phi: bool = False,
     threshold: float | None = None,
+    keep_ids: bool = False,
     progress: bool = False,
     log=print,
 ) -> dict:
@@ -79,6 +80,8 @@ def predict_folder(
     if weights:
         ex["weights"] = weights
     ex.update({"out": str(out_dir / "features.h5"), "device": device, "workers": int(workers), "scheduler": None})
+    # New data: ids pseudonymised with the key beside this DICOM folder, unless --keep-ids.
+    config["dataset"] = {**(config.get("dataset") or {}), "keep_ids": bool(keep_ids), "pseudonym_key": None}
     _, digest = load_encoder(ex["weights"])
     check_encoder_provenance(ckpt_prov, ex, digest)
 
@@ -151,7 +154,8 @@ def predict_folder(
 @click.option("--threshold", type=float, default=None, help="Decision threshold (default: the checkpoint's evaluate.threshold).")
 @click.option("--no-reports", is_flag=True, help="Predictions only, no HTML/PNG reports.")
 @click.option("--show-phi", is_flag=True, help="Show patient identifiers in reports and CSV (off by default).")
-def predict(dicom_dir, checkpoint, out_dir, weights, device, workers, threshold, no_reports, show_phi):
+@click.option("--keep-ids", is_flag=True, help="Keep scan and patient ids verbatim (de-identified data); default: keyed pseudonyms.")
+def predict(dicom_dir, checkpoint, out_dir, weights, device, workers, threshold, no_reports, show_phi, keep_ids):
     """Predict new scans from a folder of DICOM series (one scan per SeriesInstanceUID).
 
     \b
@@ -168,7 +172,7 @@ def predict(dicom_dir, checkpoint, out_dir, weights, device, workers, threshold,
 
     try:
         summary = predict_folder(dicom_dir, checkpoint, out_dir, weights=weights, device=device, workers=workers,
-                                 reports=not no_reports, show_phi=show_phi, threshold=threshold,
+                                 reports=not no_reports, show_phi=show_phi, threshold=threshold, keep_ids=keep_ids,
                                  log=lambda msg: click.echo(msg, err=True))
     except (PredictError, CheckpointError, CacheError, EncoderError, ReportError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

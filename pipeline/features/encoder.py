@@ -107,7 +107,9 @@ def _load_file(path: Path) -> dict:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise EncoderError(f"cannot read weights file {path} as a torch state dict (not a torch file)") from None
         raise EncoderError(
             f"cannot read weights file {path}: refused, it holds Python objects besides tensors (never unpickled); "
             "give a plain VGG16 state dict"

@@ -43,6 +43,7 @@ from pipeline.features.preprocess import (
     window_and_resize,
 )
 from pipeline.features.provenance import config_provenance
+from pipeline.pseudonym import key_check, key_path, load_or_create_key, pseudonymise_index
 
 # Seconds to sleep after each commit: lets crash tests kill a run between and during commits.
 PAUSE_ENV = "DRCT_EXTRACT_PAUSE_AFTER_COMMIT"
@@ -257,6 +258,13 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
     if not index.scans:
         raise CacheError(f"no scans found under {index.root} (layout {index.layout}); nothing to extract")
     out = Path(ex["out"])
+    ids, id_key = "kept", ""
+    dataset = config.get("dataset") or {}
+    if not dataset.get("keep_ids", False):
+        # No PatientID in the cache, and so in nothing made from it (runs, exports, reports).
+        key = load_or_create_key(key_path(index.root, dataset.get("pseudonym_key")))
+        index = pseudonymise_index(index, key)
+        ids, id_key = "pseudonymised", key_check(key)
 
     device = resolve_device(ex["device"])
     encoder, digest = load_encoder(ex["weights"])
@@ -267,6 +275,8 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
         "label_names": list(index.label_names),
         "layout": index.layout,
         "data_root": str(Path(index.root).resolve()),
+        "ids": ids,
+        "id_key": id_key,
         "n_scans": len(index.scans),
         "scan_ids": [s.scan_id for s in index.scans],
     }

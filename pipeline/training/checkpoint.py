@@ -53,11 +53,13 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"{path} is not a readable DrCT checkpoint (not a torch file)") from None
         # torch's message is a page of advice to pass weights_only=False: exactly what must not happen.
         raise CheckpointError(
-            f"{path} refused: it holds Python objects besides tensors and plain values "
-            "(not written by `drct train`, or tampered); it is never unpickled"
+            f"{path} is not a readable DrCT checkpoint: refused, it holds Python objects besides tensors and "
+            "plain values (not written by `drct train`, or tampered); it is never unpickled"
         ) from None
     except Exception as exc:  # noqa: BLE001 - any other failure means "not our checkpoint"
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
