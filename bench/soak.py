@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cache.writer import parts_dir, rejects_path  # noqa: E402
+from cache.writer import parts_dir, rejects_path
 
 
 def command(data: Path, out: Path, workers: int) -> list[str]:
