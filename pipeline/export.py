@@ -55,6 +55,7 @@ from cache.store import (
     _corrupt_message,
     check_finite,
     encode_attr,
+    strings_digest,
 )
 from pipeline import __version__
 
@@ -481,16 +482,19 @@ class H5Writer(_Temporary):
         f.attrs["export_of"] = str(cache.path.resolve())
         f.create_dataset("scans/scan_id", data=np.array(list(table.scan_id[scans]), dtype=object), dtype=STR)
         f.create_dataset("scans/patient_id", data=np.array(list(table.patient_id[scans]), dtype=object), dtype=STR)
-        f.create_dataset("scans/labels", data=table.labels[scans].astype(np.float32).reshape(len(scans), c))
-        f.create_dataset("scans/offset", data=selection.offset)
-        f.create_dataset("scans/n_slices", data=selection.n_slices)
-        f.create_dataset("slices/z", shape=(n,), dtype=np.float64)
+        # Checksums as in the cache (cache/store.py): Fletcher32 on numbers, sha256 on strings (at close).
+        f.create_dataset("scans/labels", data=table.labels[scans].astype(np.float32).reshape(len(scans), c),
+                         fletcher32=True)
+        f.create_dataset("scans/offset", data=selection.offset, fletcher32=True)
+        f.create_dataset("scans/n_slices", data=selection.n_slices, fletcher32=True)
+        f.create_dataset("slices/z", shape=(n,), dtype=np.float64, fletcher32=True)
         f.create_dataset("slices/sop_uid", shape=(n,), dtype=STR)
         f.create_dataset("slices/path", shape=(n,), dtype=STR)
-        f.create_dataset("slices/labels", shape=(n, c), dtype=np.int8)
+        f.create_dataset("slices/labels", shape=(n, c), dtype=np.int8, fletcher32=True)
         chunks = (max(1, min(n, 4096)), FEATURE_DIM) if n else None
         for res in selection.resolutions:
-            f.create_dataset(f"features/{res}", shape=(n, FEATURE_DIM), dtype=np.float16, chunks=chunks)
+            f.create_dataset(f"features/{res}", shape=(n, FEATURE_DIM), dtype=np.float16, chunks=chunks,
+                             fletcher32=True)
 
     def write(self, batch: Batch) -> None:
         f, table, dest = self.file, self.table, batch.dest
@@ -502,6 +506,8 @@ class H5Writer(_Temporary):
             f[f"features/{res}"][dest] = vectors
 
     def close(self) -> None:
+        for name in ("scans/scan_id", "scans/patient_id", "slices/sop_uid", "slices/path"):
+            self.file[name].attrs["sha256"] = strings_digest(self.file[name][()])
         self.file.attrs["complete"] = True
         self.file.flush()
         self.file.close()

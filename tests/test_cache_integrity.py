@@ -131,3 +131,12 @@ def test_truncated_cache_gives_one_clear_message_everywhere(tmp_path):
         assert result.exit_code in (1, 2), (command, result.output)
         assert "Traceback" not in result.output and not isinstance(result.exception, OSError), command
         assert "not a readable" in result.output and str(path) in result.output, (command, result.output)
+
+
+def test_h5_export_carries_checksums_too(tmp_path):
+    path = make_cache(tmp_path / "c.h5", n_scans=3, n=5)
+    result = CliRunner().invoke(main, ["export", str(path), "--format", "h5", "--out", str(tmp_path / "e.h5"),
+                                       "--scans", "S2,S0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = verify_cache(tmp_path / "e.h5")
+    assert report.ok and not any("no checksums" in note for note in report.notes), report
