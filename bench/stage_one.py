@@ -114,6 +114,9 @@ def main() -> None:
                 "extract.resolutions": config_resolutions, "extract.weights": args.weights,
                 "extract.workers": args.workers, "extract.batch_size": args.batch_size,
                 "extract.device": args.device, "extract.precision": args.precision,
+                # This benchmark compares the encoder in this process with its bare forward: the workers
+                # only decode (bench/cluster.py measures encoding on the workers).
+                "extract.encode_on": "client",
             }
             config = load_config(None, overrides)
             # The bare rate brackets the stage-one run (before and after, averaged): on a shared machine

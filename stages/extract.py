@@ -31,17 +31,25 @@ def _resolutions(value: str | None) -> list[int] | None:
 @click.option("--aps-source", type=click.Choice(["upsampled", "native"]), help="Larger-resolution input [extract.aps_source].")
 @click.option("--device", help="auto | cpu | cuda | cuda:N [extract.device].")
 @click.option("--scheduler", help="Address of an existing dask.distributed scheduler; default: a local cluster.")
-@click.option("--workers", type=int, help="Local cluster decoding processes; 0 = decode in this process [extract.workers].")
+@click.option("--workers", type=int, help="Local cluster worker processes (with CUDA: one per GPU); 0 = no dask [extract.workers].")
+@click.option("--threads-per-worker", type=int, help="Tasks each dask worker runs at once [extract.threads_per_worker].")
+@click.option("--encode-on", type=click.Choice(["workers", "client"]),
+              help="workers: dask workers decode and encode; client: they decode, this process encodes [extract.encode_on].")
+@click.option("--worker-timeout", type=float,
+              help="Seconds with no dask worker before stopping with an error [extract.worker_timeout].")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), help="TLS CA file for a tls:// scheduler [extract.tls_ca].")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS client certificate file [extract.tls_cert].")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS client key file [extract.tls_key].")
 @click.option("--batch-size", type=int, help="Slices per forward pass [extract.batch_size].")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="auto = bf16 where fast [extract.precision].")
 @click.option("--scans-per-commit", type=int, help="Scans per crash-safe commit unit [extract.scans_per_commit].")
-@click.option("--decode-chunk", type=int, help="Slices per dask decoding task [extract.decode_chunk].")
 @click.option("--keep-ids", is_flag=True, default=None,
               help="Store patient and scan ids verbatim (data already de-identified, e.g. RSNA, CQ500); "
                    "default: keyed pseudonyms [dataset.keep_ids].")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar with slices/s on stderr.")
 def extract(config_path, data, layout, labels, out, resolutions, weights, aps_source, device, scheduler, workers,
-            batch_size, precision, scans_per_commit, decode_chunk, keep_ids, progress):
+            threads_per_worker, encode_on, worker_timeout, tls_ca, tls_cert, tls_key, batch_size, precision,
+            scans_per_commit, keep_ids, progress):
     """Stage one: run the frozen VGG16 over every slice of every scan at every resolution.
 
     \b
@@ -50,8 +58,9 @@ def extract(config_path, data, layout, labels, out, resolutions, weights, aps_so
     stored in one HDF5 cache with its provenance (see `drct cache info`).
 
     \b
-    Decoding runs on a dask cluster (local by default, or --scheduler ADDRESS);
-    inference runs batched on CUDA when present, else the CPU (bf16 where fast).
+    Each dask worker (a local cluster by default, or --scheduler ADDRESS)
+    decodes and encodes batches on its own device (its GPU, else the CPU,
+    bf16 where fast) and sends back the vectors; this process writes the cache.
     Crash safe and resumable: scans are committed in small units beside OUT
     (OUT.parts/); run the same command again after a crash or kill and it
     continues where it stopped. A changed configuration is refused, naming the
@@ -80,7 +89,12 @@ def extract(config_path, data, layout, labels, out, resolutions, weights, aps_so
         "extract.batch_size": batch_size,
         "extract.precision": precision,
         "extract.scans_per_commit": scans_per_commit,
-        "extract.decode_chunk": decode_chunk,
+        "extract.threads_per_worker": threads_per_worker,
+        "extract.encode_on": encode_on,
+        "extract.worker_timeout": worker_timeout,
+        "extract.tls_ca": tls_ca,
+        "extract.tls_cert": tls_cert,
+        "extract.tls_key": tls_key,
     }
     try:
         config = load_config(config_path, overrides)

@@ -26,6 +26,7 @@ RESOLUTIONS = [32, 48]
 def config_for(out: Path, data: Path, **dataset) -> dict:
     overrides = {
         "dataset.data": str(data), "dataset.layout": "folder", "extract.out": str(out),
+        "dataset.keep_ids": True,  # the cases are found by their ids (pseudonyms: tests/test_phi.py)
         "extract.resolutions": RESOLUTIONS, "extract.weights": "random:0", "extract.workers": 0,
         "extract.scans_per_commit": 3, "extract.batch_size": 8, "extract.precision": "fp32",
         "extract.device": "cpu",

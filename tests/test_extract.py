@@ -1,6 +1,6 @@
 """Stage one end to end on tiny synthetic DICOM (6 scans x 4 slices, 32 px, VGG16 at 32 and 48 px):
 cached vectors equal a direct VGG16 forward, SIGKILL (dask workers included) + resume equals an
-uninterrupted run,
+uninterrupted run (the killed run encodes on a dask worker, the resume in this process),
 changed configs are refused, undecodable slices become rejects, CLI errors are clear."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def make_config(out: Path, data: Path, **extract) -> dict:
         "dataset.data": str(data), "dataset.layout": "folder", "dataset.keep_ids": True,  # ids compared below
         "extract.out": str(out), "extract.resolutions": RESOLUTIONS, "extract.weights": "random:0",
         "extract.workers": 0, "extract.scans_per_commit": 2, "extract.batch_size": 4,
-        "extract.precision": "fp32", "extract.device": "cpu", "extract.decode_chunk": 3,
+        "extract.precision": "fp32", "extract.device": "cpu",
     }
     overrides.update({f"extract.{k}": v for k, v in extract.items()})
     return load_config(None, overrides)
@@ -244,6 +244,12 @@ def test_cli_errors_are_clear(tmp_path, dataset):
     result = runner.invoke(main, ["extract", "--data", str(dataset), "--layout", "folder", "--workers", "0",
                                   "--out", str(tmp_path / "f.h5"), "--resolutions", "64,32"])
     assert result.exit_code != 0 and "distinct and increasing" in result.output
+    result = runner.invoke(main, ["extract", "--data", str(dataset), "--layout", "folder", "--out",
+                                  str(tmp_path / "f.h5"), "--scheduler", "tls://127.0.0.1:9", "--tls-ca", "ca.pem"])
+    assert result.exit_code != 0 and "TLS needs all three of --tls-ca, --tls-cert and --tls-key" in result.output
+    result = runner.invoke(main, ["extract", "--data", str(dataset), "--layout", "folder", "--out",
+                                  str(tmp_path / "f.h5"), "--workers", "2", "--encode-on", "gpu"])
+    assert result.exit_code == 2 and "'gpu' is not one of 'workers', 'client'" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "f.h5").exists()
 
@@ -253,5 +259,6 @@ def test_extract_help_explains():
 
     result = CliRunner().invoke(main, ["extract", "--help"])
     assert result.exit_code == 0
-    for flag in ("--scheduler", "--workers", "--resolutions", "--weights", "--precision", "resumable"):
+    for flag in ("--scheduler", "--workers", "--resolutions", "--weights", "--precision", "resumable",
+                 "--encode-on", "--threads-per-worker", "--worker-timeout", "--tls-ca", "--tls-cert", "--tls-key"):
         assert flag in result.output

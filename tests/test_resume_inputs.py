@@ -24,7 +24,7 @@ from pipeline.features.extraction import run_extraction
 
 def extract(out: Path, data: Path, messages: list | None = None, **settings):
     overrides = {
-        "dataset.data": str(data), "dataset.layout": "folder", "extract.out": str(out),
+        "dataset.data": str(data), "dataset.layout": "folder", "extract.out": str(out), "dataset.keep_ids": True,
         "extract.resolutions": [32, 48], "extract.weights": "random:0", "extract.workers": 0,
         "extract.scans_per_commit": 2, "extract.batch_size": 8, "extract.precision": "fp32", "extract.device": "cpu",
     }
