@@ -151,7 +151,11 @@ def _differences(have: dict, want: dict) -> list[str]:
 
 def _relative(path: str, root: str) -> str:
     try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):  # a symlink loop (it is a reject for that reason)
+        resolved = Path(os.path.abspath(path))
+    try:
+        return str(resolved.relative_to(Path(root).resolve()))
     except ValueError:
         return str(path)
 
@@ -320,7 +324,8 @@ class PartsWriter:
                 part,
                 **tables,
                 attrs=self._attrs({"commit_seq": self._seq}),
-                extra=rejects_tables(unit.rejects, unit.rejected_scan_ids, unit.rejected_fingerprints),
+                extra=rejects_tables(unit.rejects, unit.rejected_scan_ids, unit.rejected_fingerprints,
+                                     data_root=self.manifest["data_root"]),
             )
         except DiskSpaceError as exc:
             raise self._space_error(exc) from None
@@ -334,7 +339,8 @@ class PartsWriter:
     def finish(self, scan_order: Sequence[str], index_rejects: Iterable[Reject]) -> tuple[Path, Path, int]:
         """Merge every source in `scan_order` into OUT; returns (OUT, rejects CSV, number of rejects)."""
         sources = ([self.previous_cache] if self.previous_cache else []) + self.part_files()
-        merged = _merge_sources(sources, scan_order, [int(r) for r in self.manifest["provenance"]["resolutions"]])
+        merged = _merge_sources(sources, scan_order, [int(r) for r in self.manifest["provenance"]["resolutions"]],
+                                self.manifest["data_root"])
         extraction_rejects = merged.pop("rejects")
         index_rejects = list(index_rejects)
         rejects = index_rejects + extraction_rejects
@@ -356,7 +362,8 @@ class PartsWriter:
                 **merged,
                 attrs=self._attrs({}),
                 extra={
-                    **rejects_tables(index_rejects + extraction_rejects, rejected_scan_ids, rejected_fingerprints),
+                    **rejects_tables(index_rejects + extraction_rejects, rejected_scan_ids, rejected_fingerprints,
+                                     data_root=self.manifest["data_root"]),
                     "rejects/from_index": np.array([1] * len(index_rejects) + [0] * len(extraction_rejects), np.int8),
                 },
             )
@@ -380,30 +387,40 @@ class PartsWriter:
 
 
 def rejects_tables(
-    rejects: Sequence[Reject], rejected_scan_ids: Sequence[str], rejected_fingerprints: Sequence[str] | None = None
+    rejects: Sequence[Reject],
+    rejected_scan_ids: Sequence[str],
+    rejected_fingerprints: Sequence[str] | None = None,
+    data_root: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """The optional /rejects datasets of a cache or part (datasets, not attributes: no 64 KiB limit)."""
+    """The optional /rejects datasets of a cache or part (datasets, not attributes: no 64 KiB limit).
+    Paths are stored relative to `data_root` where they lie under it (a cache is shareable; the
+    rejects CSV beside it keeps absolute paths for the operator)."""
     strings = lambda values: np.array(list(values), dtype=object)
+    where = (lambda p: _relative(p, data_root) if p else p) if data_root else (lambda p: p)
     fingerprints = list(rejected_fingerprints or [])
     fingerprints += [""] * (len(rejected_scan_ids) - len(fingerprints))
     return {
         "rejects/scan_id": strings(r.scan_id for r in rejects),
-        "rejects/path": strings(r.path for r in rejects),
+        "rejects/path": strings(where(r.path) for r in rejects),
         "rejects/reason": strings(r.reason for r in rejects),
         "rejects/rejected_scan_id": strings(rejected_scan_ids),
         "rejects/rejected_fingerprint": strings(fingerprints),
     }
 
 
-def read_rejects_tables(f: h5py.File, *, with_index: bool = True) -> tuple[list[Reject], list[str]]:
+def read_rejects_tables(
+    f: h5py.File, *, with_index: bool = True, data_root: str | None = None
+) -> tuple[list[Reject], list[str]]:
     """(rejects, scan ids rejected whole) of an open cache or part; empty where absent.
-    ``with_index=False`` leaves out the index-time rejects a finished cache also stores."""
+    ``with_index=False`` leaves out the index-time rejects a finished cache also stores;
+    `data_root` turns the stored relative paths back into absolute ones."""
     if "rejects" not in f:
         return [], []
     g = f["rejects"]
     from_index = g["from_index"][:] if "from_index" in g else np.zeros(len(g["scan_id"]), np.int8)
+    absolute = (lambda p: str(Path(data_root) / p) if p and not os.path.isabs(p) else p) if data_root else (lambda p: p)
     rejects = [
-        Reject(path=p, reason=r, scan_id=s)
+        Reject(path=absolute(p), reason=r, scan_id=s)
         for s, p, r, i in zip(_decode(g["scan_id"][:]), _decode(g["path"][:]), _decode(g["reason"][:]), from_index)
         if with_index or not i
     ]
@@ -464,7 +481,9 @@ def _stack_scans(scans: list[ScanFeatures], resolutions: list[int], n_classes: i
     )
 
 
-def _merge_sources(sources: list[Path], scan_order: Sequence[str], resolutions: list[int]) -> dict:
+def _merge_sources(
+    sources: list[Path], scan_order: Sequence[str], resolutions: list[int], data_root: str | None = None
+) -> dict:
     """Read scan rows from every source (previous cache, then parts in commit order) and lay them
     out in `scan_order`. The latest source that holds a scan (extracted or rejected whole) owns
     it: its rows, its rejects and its fingerprint; older copies (changed inputs, or a crash after
@@ -487,7 +506,7 @@ def _merge_sources(sources: list[Path], scan_order: Sequence[str], resolutions: 
                 "features": {r: f[f"features/{r}"][:] for r in resolutions},
                 "fingerprints": _recorded_fingerprints(f),
             }
-            t["rejects"], t["rejected"] = read_rejects_tables(f, with_index=False)
+            t["rejects"], t["rejected"] = read_rejects_tables(f, with_index=False, data_root=data_root)
         tables.append(t)
         for scan_id in (*t["scan_id"], *t["rejected"]):
             if scan_id in wanted:

@@ -143,7 +143,8 @@ def test_index_rejects_reach_the_cache(data, tmp_path):
     reasons = {Path(r.path).name: r.reason for r in rejects}
     assert "not a DICOM file" in reasons["notes.dcm"] and reasons["scout.dcm"] == "localizer/scout image"
     assert "bad pixel scaling" in reasons["nan.dcm"]
-    assert [r.path for r in extraction_only] == [str(data.resolve() / "scan1" / "nan.dcm")]
+    assert [r.path for r in extraction_only] == ["scan1/nan.dcm"]   # the cache: relative to the data root
+    assert str(data.resolve() / "scan1" / "nan.dcm") in rejects_path(out).read_text()   # the CSV: absolute
     assert len(rejects) == len(rows_of(out)) == 3
 
 
