@@ -55,6 +55,18 @@ def bytes_per_slice(paths: list[str], windows, weights: str) -> list[tuple[str, 
     return rows
 
 
+def cpu_seconds_per_slice(paths: list[str], windows, weights: str, resolutions: list[int]) -> float:
+    """CPU seconds one worker task spends per slice (decode + encode, one torch thread): the
+    per-core cost, which CPU time measures even on a loaded machine where wall-clock rates drift."""
+    from pipeline.features.worker import EncoderSpec, decode_and_encode
+
+    spec = EncoderSpec(weights, "cpu", "fp32")
+    decode_and_encode(paths[:2], resolutions, windows, "upsampled", spec)  # load + kernel choice
+    start = time.process_time()
+    decode_and_encode(paths, resolutions, windows, "upsampled", spec)
+    return (time.process_time() - start) / len(paths)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scans", type=int, default=1, help="phantom scans")
@@ -116,6 +128,9 @@ def main() -> None:
                          statistics.mean(r[2] for r in runs)))
         # Last: the worker functions set this process's torch threads to 1.
         traffic = bytes_per_slice([s.path for s in index.scans[0].slices[:4]], windows, args.weights)
+        batch = [s.path for s in index.scans[0].slices[:args.batch_size]]
+        cpu_costs = {tuple(r): cpu_seconds_per_slice(batch, windows, args.weights, r)
+                     for r in (resolutions, [224, 512])}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -138,6 +153,11 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     for aps_source, arguments, before, after in traffic:
         print(f"| {aps_source} | {arguments:,.0f} | {before:,.0f} | {after:,.0f} | {before / after:.0f}x |")
+    print()
+    print("| resolutions | CPU s per slice, one task (decode + encode, 1 torch thread) | slices/s per dedicated core |")
+    print("| --- | ---: | ---: |")
+    for res, cost in cpu_costs.items():
+        print(f"| {'+'.join(map(str, res))} | {cost:.3f} | {1 / cost:.2f} |")
 
 
 if __name__ == "__main__":
