@@ -1,12 +1,17 @@
 """Kill-and-resume soak of `drct extract`: SIGKILL at random moments, resume, compare.
 
     .venv/bin/python bench/soak.py [--kills 24] [--scans 10] [--seed 0] [--work DIR] [--workers 0]
+                                   [--targeted] [--write-pause 0.3]
 
 A small RSNA-layout phantom (32 px, random:0 encoder at 32/48 px, one scan per commit unit)
 with two bad files added (a truncated slice, a text file), so the rejects list is not empty.
 An uninterrupted extraction is the reference. Then rounds: each round starts a fresh OUT and
 runs `drct extract` in its own process group, SIGKILLs the group at a random moment drawn
 uniformly over the reference run's duration, and runs it again, until one run completes;
+with --targeted each run instead draws its moment among: a random time, the next commit in
+flight (a part's .tmp exists), the final merge in flight (OUT.tmp exists) -- commits and the
+merge take milliseconds, so --write-pause (DRCT_WRITE_PAUSE, a sleep before each rename)
+widens them enough to be hit;
 rounds repeat until at least --kills kills happened. Where each kill landed is read from what
 it left (OUT.parts/*.tmp: during a commit; OUT.tmp: during the final merge; OUT plus parts:
 after the final rename) and tallied. After each round the cache is compared with the
@@ -45,8 +50,13 @@ def command(data: Path, out: Path, workers: int) -> list[str]:
             "--batch-size", "16", "--precision", "fp32", "--device", "cpu", "--no-progress"]
 
 
+WRITE_PAUSE = {"value": ""}
+
+
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    extra = {"DRCT_WRITE_PAUSE": WRITE_PAUSE["value"]} if WRITE_PAUSE["value"] else {}
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+            **extra}
 
 
 def make_data(root: Path, scans: int, seed: int) -> Path:
@@ -95,7 +105,7 @@ def phase_of(out: Path) -> str:
     if out.exists() and parts.exists():
         return "after the final rename, before the parts were removed"
     if out.exists():
-        return "after the run had finished"
+        return "after the final merge, while the process exited"
     if parts.exists() and list(parts.glob("*.tmp")):
         return "during a commit (a part's .tmp being written)"
     if parts.exists() and list(parts.glob("unit-*.h5")):
@@ -103,16 +113,18 @@ def phase_of(out: Path) -> str:
     return "before the first commit (startup, indexing)"
 
 
-def run_once(cmd: list[str], kill_after: float | None) -> int | None:
-    """Run; SIGKILL the process group after `kill_after` s. Returns the exit code, or None if killed."""
+def run_once(cmd: list[str], kill_after: float | None, trigger=None) -> int | None:
+    """Run; SIGKILL the process group after `kill_after` s, or as soon as `trigger()` is true.
+    Returns the exit code, or None if killed."""
     process = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)
-    try:
-        process.wait(kill_after)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        return None
+    deadline = None if kill_after is None else time.monotonic() + kill_after
+    while process.poll() is None:
+        if (deadline is not None and time.monotonic() >= deadline) or (trigger is not None and trigger()):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return None
+        time.sleep(0.01)
     if process.returncode != 0:
         raise RuntimeError(f"extract failed ({process.returncode}): {process.stderr.read().decode()[-2000:]}")
     return 0
@@ -126,7 +138,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="0: in-process decoding; N: a local dask cluster")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the summary here too")
+    parser.add_argument("--targeted", action="store_true", help="also aim kills at commits and the final merge")
+    parser.add_argument("--write-pause", type=float, default=0.0, help="DRCT_WRITE_PAUSE seconds (with --targeted)")
     args = parser.parse_args()
+    WRITE_PAUSE["value"] = str(args.write_pause) if args.write_pause else ""
     work = args.work or Path(tempfile.mkdtemp(prefix="drct-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
@@ -138,13 +153,22 @@ def main() -> None:
     duration = time.perf_counter() - start
     print(f"reference run: {duration:.1f} s", flush=True)
 
-    kills, rounds, phases = 0, [], collections.Counter()
+    kills, rounds, phases, aims = 0, [], collections.Counter(), collections.Counter()
     while kills < args.kills:
         out = work / f"round{len(rounds)}" / "features.h5"
         round_kills = 0
         while True:
             moment = rng.uniform(0.0, duration)
-            if run_once(command(data, out, args.workers), moment) is None:
+            trigger = None
+            aim = rng.choice(("time", "commit", "merge")) if args.targeted else "time"
+            if aim == "commit":
+                trigger = lambda out=out: any(parts_dir(out).glob("*.h5.tmp"))
+                moment = None
+            elif aim == "merge":
+                trigger = lambda out=out: Path(str(out) + ".tmp").exists()
+                moment = None
+            aims[aim] += 1
+            if run_once(command(data, out, args.workers), moment, trigger) is None:
                 kills += 1
                 round_kills += 1
                 phases[phase_of(out)] += 1
@@ -160,6 +184,8 @@ def main() -> None:
         "rounds": len(rounds),
         "reference_seconds": round(duration, 1),
         "kill_phases": dict(phases),
+        "runs_by_aim": dict(aims),
+        "write_pause_s": args.write_pause,
         "scans_lost": sum(r["scans_lost"] for r in rounds),
         "scans_duplicated": sum(r["scans_duplicated"] for r in rounds),
         "rounds_with_equal_features": sum(r["features_equal"] for r in rounds),

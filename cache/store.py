@@ -40,6 +40,7 @@ import io
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,8 @@ class DiskSpaceError(CacheError):
 
 
 MB = 1 << 20
-IN_MEMORY_BYTES = 256 * MB  # files up to this size (every commit unit) are built in memory, then written
+IN_MEMORY_BYTES = 256 * MB
+WRITE_PAUSE_ENV = "DRCT_WRITE_PAUSE"  # seconds to sleep before each rename: lets bench/soak.py kill mid-write  # files up to this size (every commit unit) are built in memory, then written
 
 
 def free_bytes(directory: str | Path) -> int:
@@ -411,6 +413,8 @@ def write_cache(
             with h5py.File(tmp, "w") as f:
                 _fill(f, *args)
         _fsync_path(tmp)  # the bytes are on disk before the name points at them (crash safety)
+        if WRITE_PAUSE_ENV in os.environ:  # bench/soak.py: widen the window in which a kill leaves a .tmp
+            time.sleep(float(os.environ[WRITE_PAUSE_ENV] or 0))
         os.replace(tmp, path)
     except DiskSpaceError:
         remove_quietly(tmp)

@@ -375,9 +375,9 @@ class PartsWriter:
     def _space_error(self, exc: DiskSpaceError, merging: bool = False) -> DiskSpaceError:
         """A full disk, with what the whole extraction needs and how to go on (nothing committed is lost)."""
         job = f"; the whole extraction needs about {self.job_bytes / MB:.0f} MB there" if self.job_bytes else ""
-        step = "the final merge (it writes the cache beside the parts)" if merging else "committing scans"
+        step = "in the final merge, which writes the cache beside the parts" if merging else "while committing scans"
         return DiskSpaceError(
-            f"{exc} ({step}){job}. Free space (or give another --out) and run the same command again: "
+            f"{exc}, {step}{job}. Free space (or give another --out) and run the same command again: "
             f"the {len(self.done)} scans committed so far are kept"
         )
 
