@@ -102,8 +102,8 @@ def main() -> None:
         for repeat in range(args.repeats):
             for setup in setups:
                 settings = {"workers": 0}
-                if setup == "client2":
-                    settings = {"workers": 2, "encode_on": "client"}
+                if setup == "client2":  # as before this change: 2 decoding processes of 1 thread
+                    settings = {"workers": 2, "threads_per_worker": 1, "encode_on": "client"}
                 elif setup.startswith("w"):
                     workers, _, threads = setup[1:].partition("t")
                     settings = {"workers": int(workers), "threads_per_worker": int(threads or 1)}
