@@ -122,14 +122,15 @@ class SamplerSchema(_Section):
 
 
 class ModelSchema(_Section):
-    name: Literal["drct1", "drct2"]
+    # Names of heads and options are checked by pipeline/heads/build.py (which knows every variant).
+    name: Annotated[str, Field(min_length=1)]
     feature_dim: PositiveInt
     gru_hidden: PositiveInt
     fc_hidden: list[PositiveInt]
     dropout: Annotated[float, Field(ge=0, lt=1)]
     m_key: PositiveInt
-    aps_selection: Literal["attention", "random"]
-    aps_resolution: Literal["first", "last"]
+    aps_selection: Annotated[str, Field(min_length=1)]
+    aps_resolution: Annotated[str, Field(min_length=1)]
     aps_fc: PositiveInt
     aps_gru_hidden: PositiveInt
     fusion_dim: PositiveInt
