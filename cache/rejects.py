@@ -6,9 +6,10 @@ the rejects CSV beside OUT); the readers produce them, so `pipeline.data.scan_in
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
+
+from cache import csv_safe
 
 
 @dataclass
@@ -26,7 +27,7 @@ REJECT_FIELDS = ["scan_id", "path", "reason"]
 def write_rejects(rejects: list[Reject], path: str | Path) -> None:
     """Write (replace) a rejects CSV: one row per left-out file or scan with its reason."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=REJECT_FIELDS)
+        writer = csv_safe.dict_writer(handle, fieldnames=REJECT_FIELDS)
         writer.writeheader()
         for reject in rejects:
             writer.writerow({"scan_id": reject.scan_id, "path": reject.path, "reason": reject.reason})

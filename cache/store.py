@@ -16,17 +16,31 @@ Layout of one HDF5 file::
     /rejects/scan_id, /rejects/path, /rejects/reason   str (n_rejects,)  optional: slices and scans
                                                     left out by extraction (cache/writer.py)
     /rejects/rejected_scan_id  str                  optional: scans with no decodable slice
+    /rejects/rejected_fingerprint, /rejects/from_index  optional: their input fingerprints; 1 for
+                                                    rejects of the index (no labels, localizer ...)
+    /scans/fingerprint  str (n_scans,)              optional: input fingerprint of each scan (resume)
 
 A scan's slices are the contiguous rows offset..offset+n_slices of every /slices and /features
 array, so one scan at one resolution is a single slice read (O(1) lookup through the scan table).
+
+Integrity: every numeric dataset carries HDF5's Fletcher32 checksum per chunk, so h5py raises on
+a flipped byte when the chunk is read (HDF5 filters cannot apply to variable-length strings, so
+each string dataset carries a ``sha256`` attribute over its values instead). `FeatureCache`
+turns a checksum failure, a truncated file and NaN/inf vectors into a `CacheError`; a cache
+written before checksums existed still opens (`cache verify` notes that it has none).
 The writer produces the file under a temporary name and renames it into place, and `complete`
 is set last: a file without it is never accepted.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +66,55 @@ class CacheError(RuntimeError):
     """A cache that cannot be used; the message says what is wrong and what to do."""
 
 
+class DiskSpaceError(CacheError):
+    """Not enough free space where a cache file is written (checked before writing, or ENOSPC)."""
+
+
+MB = 1 << 20
+IN_MEMORY_BYTES = 256 * MB
+WRITE_PAUSE_ENV = "DRCT_WRITE_PAUSE"  # seconds to sleep before each rename: lets bench/soak.py kill mid-write  # files up to this size (every commit unit) are built in memory, then written
+
+
+def free_bytes(directory: str | Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return -1
+
+
+def check_free_space(directory: str | Path, needed: int, what: str) -> None:
+    """`DiskSpaceError` before a write that cannot fit: writing HDF5 into a full disk ends in an
+    h5py error cascade (and, seen in practice, a segfault), so a write is never started that way."""
+    free = free_bytes(directory)
+    if 0 <= free < needed:
+        raise DiskSpaceError(
+            f"no space left on the device of {directory}: {what} needs about {needed / MB:.1f} MB, "
+            f"{free / MB:.1f} MB are free"
+        )
+
+
+def storage_error(exc: BaseException, path: Path, needed: int) -> CacheError:
+    """A failed write as one clear CacheError: full disk, unwritable folder, or other I/O error."""
+    text = str(exc)
+    first = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+    errno_ = getattr(exc, "errno", None)
+    if errno_ in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "Disk quota" in text:
+        return DiskSpaceError(
+            f"no space left on the device of {path.parent} while writing {path.name}: it needs about "
+            f"{needed / MB:.1f} MB, {max(0, free_bytes(path.parent)) / MB:.1f} MB are free"
+        )
+    if errno_ in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text or "Read-only" in text:
+        return CacheError(f"cannot write {path}: the folder is not writable ({first})")
+    return CacheError(f"cannot write {path} ({first}); check --out and its folder")
+
+
+def remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
 @dataclass
 class ScanTable:
     """In-memory scan and slice tables (small: no features)."""
@@ -69,6 +132,73 @@ class ScanTable:
     def rows(self, index: int) -> slice:
         start = int(self.offset[index])
         return slice(start, start + int(self.n_slices[index]))
+
+
+def strings_digest(values) -> str:
+    """sha256 of a string dataset's values (length-prefixed UTF-8), the checksum of /.../str arrays."""
+    digest = hashlib.sha256()
+    for value in values:
+        data = value if isinstance(value, bytes) else str(value).encode("utf-8", errors="surrogateescape")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def storable(value) -> str:
+    """A str h5py can store as UTF-8: NULs removed, undecodable surrogates (odd file names) replaced."""
+    text = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", errors="replace").decode("utf-8")
+    return text
+
+
+def create_checked(f: h5py.File | h5py.Group, name: str, data, **kwargs) -> h5py.Dataset:
+    """Create a dataset with its checksum: Fletcher32 per chunk for numbers, a sha256 attribute for strings."""
+    array = np.asarray(data)
+    if array.dtype == object or array.dtype.kind in "US":
+        values = [storable(v) for v in array.reshape(-1)]
+        dataset = f.create_dataset(name, data=np.array(values, dtype=object).reshape(array.shape), dtype=STR)
+        dataset.attrs["sha256"] = strings_digest(values)
+        return dataset
+    return f.create_dataset(name, data=array, fletcher32=True, **kwargs)
+
+
+def read_checked(dataset: h5py.Dataset, where: str = ""):
+    """All values of a dataset, its checksum verified; `CacheError` naming the dataset on a mismatch."""
+    try:
+        values = dataset[()]
+    except OSError as exc:
+        raise CacheError(_corrupt_message(where, dataset.name, exc)) from None
+    expected = dataset.attrs.get("sha256")
+    if expected is not None:
+        expected = expected.decode() if isinstance(expected, bytes) else str(expected)
+        if strings_digest(np.asarray(values).reshape(-1)) != expected:
+            raise CacheError(_corrupt_message(where, dataset.name, "sha256 of the strings does not match"))
+    return values
+
+
+def _corrupt_message(where, name: str, detail) -> str:
+    detail = (str(detail).strip().splitlines() or [""])[0]
+    return (
+        f"{where}: dataset {name} is corrupt (checksum mismatch: {detail}). The file was damaged after it "
+        "was written; run `drct cache verify` on it, and re-extract (remove the file first)"
+    )
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    """Open an HDF5 file read-only; a truncated or damaged file is a `CacheError` with one clear line."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise CacheError(
+            f"{path} is not a readable feature cache (truncated or damaged HDF5 file: {detail}); "
+            "remove it and run `drct extract` again"
+        ) from None
 
 
 def _decode(values) -> np.ndarray:
@@ -109,7 +239,7 @@ class FeatureCache:
             raise CacheError(f"feature cache not found: {self.path}.{hint}")
         self._file: h5py.File | None = None
         self._pid: int | None = None
-        with h5py.File(self.path, "r") as handle:
+        with open_h5(self.path) as handle:
             attrs = {key: decode_attr(value) for key, value in handle.attrs.items()}
             version = attrs.get("schema_version")
             if version != SCHEMA_VERSION:
@@ -133,7 +263,7 @@ class FeatureCache:
     def file(self) -> h5py.File:
         """The HDF5 handle of this process (reopened after a fork)."""
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            self._file = open_h5(self.path)
             self._pid = os.getpid()
         return self._file
 
@@ -159,16 +289,23 @@ class FeatureCache:
     def table(self) -> ScanTable:
         if self._table is None:
             f = self.file
+
+            def read(name: str):
+                try:
+                    return read_checked(f[name], str(self.path))
+                except KeyError:
+                    raise CacheError(f"{self.path}: dataset /{name} is missing; the cache is damaged") from None
+
             self._table = ScanTable(
-                scan_id=_decode(f["scans/scan_id"][:]),
-                patient_id=_decode(f["scans/patient_id"][:]),
-                labels=f["scans/labels"][:].astype(np.float32),
-                offset=f["scans/offset"][:].astype(np.int64),
-                n_slices=f["scans/n_slices"][:].astype(np.int32),
-                z=f["slices/z"][:],
-                sop_uid=_decode(f["slices/sop_uid"][:]),
-                path=_decode(f["slices/path"][:]),
-                slice_labels=f["slices/labels"][:].astype(np.int8),
+                scan_id=_decode(read("scans/scan_id")),
+                patient_id=_decode(read("scans/patient_id")),
+                labels=read("scans/labels").astype(np.float32),
+                offset=read("scans/offset").astype(np.int64),
+                n_slices=read("scans/n_slices").astype(np.int32),
+                z=read("slices/z"),
+                sop_uid=_decode(read("slices/sop_uid")),
+                path=_decode(read("slices/path")),
+                slice_labels=read("slices/labels").astype(np.int8),
             )
         return self._table
 
@@ -193,13 +330,34 @@ class FeatureCache:
         return f"features/{int(resolution)}"
 
     def features(self, scan: int | str, resolution: int) -> np.ndarray:
-        """(n_slices, 512) float16 vectors of one scan at one resolution, in z order."""
+        """(n_slices, 512) float16 vectors of one scan at one resolution, in z order (checked:
+        checksums and finite values)."""
         index = self.index_of(scan) if isinstance(scan, str) else int(scan)
-        return self.file[self._check_resolution(resolution)][self.table.rows(index)]
+        name = self._check_resolution(resolution)
+        return self.checked_rows(name, self.table.rows(index))
 
     def load_all(self, resolution: int, dtype=np.float16) -> np.ndarray:
         """Every slice vector at one resolution, (n_total_slices, 512): for in-memory training."""
-        return self.file[self._check_resolution(resolution)][:].astype(dtype, copy=False)
+        return self.checked_rows(self._check_resolution(resolution), slice(None)).astype(dtype, copy=False)
+
+    def checked_rows(self, name: str, rows) -> np.ndarray:
+        """Rows of a feature array; a checksum mismatch or a NaN/inf value is a `CacheError`."""
+        try:
+            values = self.file[name][rows]
+        except OSError as exc:
+            raise CacheError(_corrupt_message(self.path, "/" + name, exc)) from None
+        check_finite(values, f"{self.path}: /{name}")
+        return values
+
+
+def check_finite(values: np.ndarray, where: str) -> None:
+    """`CacheError` when feature vectors hold NaN or inf (they would train to a NaN loss)."""
+    finite = np.isfinite(values).all(axis=-1) if values.size else np.ones(0, bool)
+    if not finite.all():
+        raise CacheError(
+            f"{where}: {int((~finite).sum())} slice vectors contain NaN or inf; the cache is unusable "
+            "(run `drct cache verify`, fix or reject the inputs and re-extract)"
+        )
 
 
 def write_cache(
@@ -216,12 +374,14 @@ def write_cache(
     features: dict[int, np.ndarray],
     attrs: dict,
     extra: dict[str, np.ndarray] | None = None,
+    fingerprints=None,
 ) -> Path:
     """Write a complete cache atomically: to `<path>.tmp`, `complete` set last, then renamed.
 
     `attrs` must contain every PROVENANCE_KEYS entry plus label_names; `features` maps each
     resolution to an (n_total_slices, 512) array. `extra` maps further dataset names to arrays
     (object arrays are stored as UTF-8 strings), e.g. the /rejects tables of stage one.
+    `fingerprints`: optional per-scan input fingerprints (/scans/fingerprint, see cache/writer.py).
     """
     path = Path(path)
     missing = [key for key in (*PROVENANCE_KEYS, "label_names") if key not in attrs]
@@ -234,37 +394,70 @@ def write_cache(
     for resolution, array in features.items():
         if array.shape != (total, FEATURE_DIM):
             raise CacheError(f"features at {resolution} have shape {array.shape}, expected ({total}, {FEATURE_DIM})")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        for key, value in attrs.items():
-            f.attrs[key] = encode_attr(value)
-        f.create_dataset("scans/scan_id", data=np.array(list(scan_ids), dtype=object), dtype=STR)
-        f.create_dataset("scans/patient_id", data=np.array(list(patient_ids), dtype=object), dtype=STR)
-        f.create_dataset("scans/labels", data=np.asarray(scan_labels, np.float32).reshape(len(n_slices), n_classes))
-        f.create_dataset("scans/offset", data=offset)
-        f.create_dataset("scans/n_slices", data=n_slices)
-        f.create_dataset("slices/z", data=np.asarray(z, np.float64))
-        f.create_dataset("slices/sop_uid", data=np.array(list(sop_uids), dtype=object), dtype=STR)
-        f.create_dataset("slices/path", data=np.array(list(paths), dtype=object), dtype=STR)
-        f.create_dataset("slices/labels", data=np.asarray(slice_labels, np.int8).reshape(total, n_classes))
-        for resolution, array in features.items():
-            chunk_rows = max(1, min(total, 4096))
-            f.create_dataset(
-                f"features/{int(resolution)}",
-                data=np.asarray(array, np.float16),
-                chunks=(chunk_rows, FEATURE_DIM) if total else None,
-            )
-        for name, array in (extra or {}).items():
-            array = np.asarray(array)
-            f.create_dataset(name, data=array, dtype=STR if array.dtype == object else array.dtype)
-        f.attrs["complete"] = True
-        f.flush()
-    _fsync_path(tmp)  # the bytes are on disk before the name points at them (crash safety)
-    os.replace(tmp, path)
+    arrays = [np.asarray(a) for a in (scan_labels, z, slice_labels, *features.values())]
+    chunked = sum(-(-total // max(1, min(total, 4096))) * max(1, min(total, 4096)) * FEATURE_DIM * 2 for _ in features)
+    strings = sum(len(str(v)) + 16 for values in (scan_ids, patient_ids, sop_uids, paths) for v in values)
+    needed = int(1.05 * (sum(a.nbytes for a in arrays[:3]) + chunked + strings)) + 64 * 1024
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_free_space(path.parent, needed, f"writing {path.name}")
+        args = (attrs, scan_ids, patient_ids, scan_labels, n_slices, offset, fingerprints, z, sop_uids, paths,
+                slice_labels, features, extra, total, n_classes)
+        if needed <= IN_MEMORY_BYTES:
+            # Built in memory, then written with plain file I/O: if the disk fills after the check
+            # (another writer), that is an OSError here, never h5py failing mid-file (which can segfault).
+            buffer = io.BytesIO()
+            with h5py.File(buffer, "w") as f:
+                _fill(f, *args)
+            with open(tmp, "wb") as handle:
+                handle.write(buffer.getbuffer())
+        else:
+            with h5py.File(tmp, "w") as f:
+                _fill(f, *args)
+        _fsync_path(tmp)  # the bytes are on disk before the name points at them (crash safety)
+        if WRITE_PAUSE_ENV in os.environ:  # bench/soak.py: widen the window in which a kill leaves a .tmp
+            time.sleep(float(os.environ[WRITE_PAUSE_ENV] or 0))
+        os.replace(tmp, path)
+    except DiskSpaceError:
+        remove_quietly(tmp)
+        raise
+    except (OSError, RuntimeError) as exc:  # h5py reports some I/O failures as RuntimeError
+        remove_quietly(tmp)
+        raise storage_error(exc, path, needed) from None
     _fsync_path(path.parent)
     return path
+
+
+def _fill(f, attrs, scan_ids, patient_ids, scan_labels, n_slices, offset, fingerprints, z, sop_uids, paths,
+          slice_labels, features, extra, total, n_classes) -> None:
+    """The datasets and attributes of `write_cache`, `complete` last."""
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    for key, value in attrs.items():
+        f.attrs[key] = encode_attr(value)
+    create_checked(f, "scans/scan_id", np.array(list(scan_ids), dtype=object))
+    create_checked(f, "scans/patient_id", np.array(list(patient_ids), dtype=object))
+    create_checked(f, "scans/labels", np.asarray(scan_labels, np.float32).reshape(len(n_slices), n_classes))
+    create_checked(f, "scans/offset", offset)
+    create_checked(f, "scans/n_slices", n_slices)
+    if fingerprints is not None:
+        create_checked(f, "scans/fingerprint", np.array(list(fingerprints), dtype=object))
+    create_checked(f, "slices/z", np.asarray(z, np.float64))
+    create_checked(f, "slices/sop_uid", np.array(list(sop_uids), dtype=object))
+    create_checked(f, "slices/path", np.array(list(paths), dtype=object))
+    create_checked(f, "slices/labels", np.asarray(slice_labels, np.int8).reshape(total, n_classes))
+    for resolution, array in features.items():
+        chunk_rows = max(1, min(total, 4096))
+        create_checked(
+            f,
+            f"features/{int(resolution)}",
+            np.asarray(array, np.float16),
+            chunks=(chunk_rows, FEATURE_DIM) if total else None,
+        )
+    for name, array in (extra or {}).items():
+        create_checked(f, name, array)
+    f.attrs["complete"] = True
+    f.flush()
 
 
 def _fsync_path(path: str | Path) -> None:

@@ -3,7 +3,9 @@ and the human summary behind `drct cache info`.
 
 `verify_cache` goes further than `FeatureCache`'s open-time check: structure and dtypes of every
 table, contiguous offsets, consistent counts, unique scan ids, the provenance attributes, and
-every feature value finite (read in chunks, so an RSNA-size cache verifies in bounded memory).
+every feature value finite (read in chunks, so an RSNA-size cache verifies in bounded memory),
+and every checksum: each dataset is read whole, so HDF5's Fletcher32 filter checks every chunk,
+and string datasets are compared with their stored sha256 (see cache/store.py).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.store import FEATURE_DIM, PROVENANCE_KEYS, SCHEMA_VERSION, _decode, decode_attr
-from cache.writer import MANIFEST, PART_PREFIX, parts_dir, read_rejects_tables
+from cache.store import FEATURE_DIM, PROVENANCE_KEYS, SCHEMA_VERSION, _decode, decode_attr, strings_digest
+from cache.writer import MANIFEST, PART_PREFIX, _commit_seq, parts_dir, read_rejects_tables
 
 CHUNK_ROWS = 65536
 
@@ -42,6 +44,36 @@ def _kind(dataset: h5py.Dataset) -> str:
     return dataset.dtype.kind  # f, i, u ...
 
 
+def _check_checksums(f: h5py.File, report: Report) -> None:
+    """Read every dataset except the feature arrays (checked chunk by chunk by the caller):
+    Fletcher32 mismatches and string digests that differ become problems."""
+    unchecked = []
+
+    def visit(name: str, obj) -> None:
+        if not isinstance(obj, h5py.Dataset) or name.startswith("features/"):
+            return
+        try:
+            values = obj[()]
+        except OSError as exc:
+            report.fail(f"/{name}: checksum mismatch, the data was damaged ({str(exc).splitlines()[0]})")
+            return
+        expected = obj.attrs.get("sha256")
+        if expected is not None:
+            expected = expected.decode() if isinstance(expected, bytes) else str(expected)
+            if strings_digest(np.asarray(values).reshape(-1)) != expected:
+                report.fail(f"/{name}: checksum mismatch, the strings differ from their sha256")
+        elif not obj.fletcher32:
+            unchecked.append(name)
+
+    f.visititems(visit)
+    features = [name for name in f.get("features", {}) if not f[f"features/{name}"].fletcher32]
+    if unchecked or features:
+        report.notes.append(
+            "no checksums on " + ", ".join([*unchecked, *(f"features/{n}" for n in features)])
+            + " (written before checksums were added): flipped bytes there cannot be detected"
+        )
+
+
 def verify_cache(path: str | Path, *, need_complete: bool = True) -> Report:
     """Every check of one cache file (also used for each part of an unfinished extraction)."""
     path = Path(path)
@@ -60,6 +92,7 @@ def verify_cache(path: str | Path, *, need_complete: bool = True) -> Report:
         missing = [key for key in (*PROVENANCE_KEYS, "label_names") if key not in attrs]
         if missing:
             report.fail(f"provenance attributes missing: {', '.join(missing)}")
+        _check_checksums(f, report)
         structure_ok = True
         for name, kind in {**SCAN_TABLES, **SLICE_TABLES}.items():
             problems_before = len(report.problems)
@@ -111,13 +144,23 @@ def verify_cache(path: str | Path, *, need_complete: bool = True) -> Report:
                 continue
             bad_rows = 0
             first_bad = None
+            damaged = []
             for start in range(0, total, CHUNK_ROWS):
-                block = data[start : start + CHUNK_ROWS]
+                try:
+                    block = data[start : start + CHUNK_ROWS]
+                except OSError:
+                    block = _damaged_rows(data, start, min(total, start + CHUNK_ROWS), damaged)
                 finite = np.isfinite(block).all(axis=1)
                 if not finite.all():
                     bad_rows += int((~finite).sum())
                     if first_bad is None:
                         first_bad = start + int(np.flatnonzero(~finite)[0])
+            if damaged:
+                scans = sorted({scan_ids[int(np.searchsorted(offset, r, side="right") - 1)] for r in damaged})
+                report.fail(
+                    f"/{name}: checksum mismatch in {len(damaged)} slice rows (damaged bytes) of scans "
+                    f"{', '.join(map(repr, scans[:5]))}{' ...' if len(scans) > 5 else ''}"
+                )
             if bad_rows:
                 scan = int(np.searchsorted(offset, first_bad, side="right") - 1) if n_scans else -1
                 where = f" (first: slice row {first_bad}, scan {scan_ids[scan]!r})" if scan >= 0 else ""
@@ -127,6 +170,20 @@ def verify_cache(path: str | Path, *, need_complete: bool = True) -> Report:
             report.fail(f"feature arrays not listed in the resolutions attribute: {', '.join(extra)}")
         report.notes.append(f"{n_scans} scans, {total} slices, resolutions {resolutions}")
     return report
+
+
+def _damaged_rows(data: h5py.Dataset, start: int, stop: int, damaged: list[int]) -> np.ndarray:
+    """Rows start..stop of a feature array read chunk by chunk; rows of chunks whose checksum
+    fails are appended to `damaged` and returned as zeros (so the NaN check can go on)."""
+    step = (data.chunks or (stop - start,))[0]
+    block = np.zeros((stop - start, data.shape[1]), data.dtype)
+    for first in range(start, stop, step):
+        last = min(stop, first + step)
+        try:
+            block[first - start : last - start] = data[first:last]
+        except OSError:
+            damaged.extend(range(first, last))
+    return block
 
 
 def verify_parts(parts: str | Path) -> Report:
@@ -142,7 +199,8 @@ def verify_parts(parts: str | Path) -> Report:
     n_total = int(manifest.get("n_scans", 0))
     seen: set[str] = set()
     done = 0
-    files = sorted(parts.glob(f"{PART_PREFIX}*.h5"))
+    files = sorted(sorted(parts.glob(f"{PART_PREFIX}*.h5")), key=_commit_seq)
+    superseded = 0
     for part in files:
         sub = verify_cache(part)
         for problem in sub.problems:
@@ -151,16 +209,18 @@ def verify_parts(parts: str | Path) -> Report:
             continue
         with h5py.File(part, "r") as f:
             ids = list(_decode(f["scans/scan_id"][:])) + read_rejects_tables(f)[1]
+        # A later part holding a scan again re-extracted it after its inputs changed: it supersedes.
         twice = seen.intersection(ids)
-        if twice:
-            report.fail(f"{part.name}: scans already in another part: {', '.join(sorted(twice)[:5])}")
+        superseded += len(twice)
         seen.update(ids)
-        done += len(ids)
+        done += len(set(ids) - twice)
     leftovers = sorted(p.name for p in parts.glob("*.tmp"))
     report.notes.append(
         f"unfinished extraction: {done} of {n_total} scans committed in {len(files)} parts"
         + (f"; {len(leftovers)} temporary files from an interrupted write (deleted on resume)" if leftovers else "")
     )
+    if superseded:
+        report.notes.append(f"{superseded} scans re-extracted after their inputs changed (the later part wins)")
     report.notes.append("run drct extract again (same settings) to resume")
     return report
 
@@ -226,6 +286,6 @@ def cache_info(path: str | Path) -> str:
                 lines.append(f"             positive slices ({int(slice_known.sum())} labelled): {positives}")
         else:
             lines.append("classes      none (unlabelled layout)")
-        extraction_rejects, rejected = read_rejects_tables(cache.file)
+        extraction_rejects, rejected = read_rejects_tables(cache.file, with_index=False)
         lines.append(f"rejects      {len(extraction_rejects)} at extraction ({len(rejected)} whole scans)")
     return "\n".join(lines)

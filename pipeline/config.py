@@ -2,6 +2,10 @@
 
 Every stage reads its settings through `load_config`, so a value has one name everywhere
 (`train.lr_aps` in YAML, in `dvc.yaml` params and in `dvc exp run -S`).
+
+The merged config is checked against a pydantic schema (`Schema`: types and ranges), so that
+`resolutions: abc`, `batch_size: 0` or `m_key: 1.5` stop at load time with the key named,
+instead of failing deep inside a stage. Keys the schema does not list are not checked.
 """
 
 from __future__ import annotations
@@ -9,9 +13,10 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
 
@@ -65,11 +70,132 @@ def dotted_to_nested(overrides: dict[str, Any]) -> dict:
     return nested
 
 
+PositiveInt = Annotated[int, Field(ge=1)]
+Rate = Annotated[float, Field(gt=0, le=10)]
+
+
+class _Section(BaseModel):
+    # Unknown keys are refused by deep_merge against defaults.yaml; keys other stages add are let through.
+    model_config = ConfigDict(extra="allow", strict=False)
+
+
+class DatasetSchema(_Section):
+    layout: Literal["rsna", "cq500", "folder"]
+    data: str
+    labels: str | None = None
+    scan_labels: str | None = None
+    allow_modalities: list[Annotated[str, Field(min_length=1)]] = Field(default=["CT"], min_length=1)
+    keep_ids: bool = False
+    pseudonym_key: str | None = None
+
+
+class PhantomSchema(_Section):
+    scans: PositiveInt
+    seed: int
+    layout: Literal["rsna", "cq500"]
+    size: Annotated[int, Field(ge=16, le=4096)]
+
+
+class ExtractSchema(_Section):
+    out: str
+    resolutions: list[Annotated[int, Field(ge=32, le=4096)]] = Field(min_length=1)
+    windows: list[Annotated[list[float], Field(min_length=2, max_length=2)]] = Field(min_length=1)
+    aps_source: Literal["upsampled", "native"]
+    weights: str
+    device: str
+    batch_size: PositiveInt
+    precision: Literal["auto", "fp32", "bf16"]
+    scheduler: str | None = None
+    workers: Annotated[int, Field(ge=0)]
+    scans_per_commit: PositiveInt
+    decode_chunk: PositiveInt = 16
+
+    @field_validator("windows")
+    @classmethod
+    def _positive_widths(cls, windows):
+        for center, width in windows:
+            if width <= 0:
+                raise ValueError(f"window [{center}, {width}]: the width must be positive")
+        return windows
+
+
+class SamplerSchema(_Section):
+    m: PositiveInt
+    augment: bool
+
+
+class ModelSchema(_Section):
+    # Names of heads and options are checked by pipeline/heads/build.py (which knows every variant).
+    name: Annotated[str, Field(min_length=1)]
+    feature_dim: PositiveInt
+    gru_hidden: PositiveInt
+    fc_hidden: list[PositiveInt]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    m_key: PositiveInt
+    aps_selection: Annotated[str, Field(min_length=1)]
+    aps_resolution: Annotated[str, Field(min_length=1)]
+    aps_fc: PositiveInt
+    aps_gru_hidden: PositiveInt
+    fusion_dim: PositiveInt
+
+
+class TrainSchema(_Section):
+    lr_primary: Rate
+    lr_aps: Rate
+    lr_fusion: Rate
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    folds: Annotated[int, Field(ge=2)]
+    fold: Annotated[int, Field(ge=0)] | None = None
+    seed: int
+    device: str
+    threads: PositiveInt | None = None
+    eval_batch_size: PositiveInt
+    out: str
+
+
+class EvaluateSchema(_Section):
+    threshold: Annotated[float, Field(ge=0, le=1)]
+
+
+class ReportSchema(_Section):
+    top_k: PositiveInt
+    thumb_size: Annotated[int, Field(ge=16, le=4096)]
+    display_size: Annotated[int, Field(ge=16, le=4096)]
+
+
+class Schema(_Section):
+    dataset: DatasetSchema
+    phantom: PhantomSchema
+    extract: ExtractSchema
+    sampler: SamplerSchema
+    model: ModelSchema
+    train: TrainSchema
+    evaluate: EvaluateSchema
+    report: ReportSchema
+
+
+def validate_config(config: dict) -> dict:
+    """Check types and ranges of a merged config; `ConfigError` naming the first bad keys.
+
+    Returns the config unchanged (values are checked, not rewritten, so DVC params stay as written)."""
+    try:
+        Schema.model_validate(config)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors()[:3]:
+            key = ".".join(str(part) for part in error["loc"])
+            problems.append(f"config key '{key}': {error['msg']} (got {error.get('input')!r})")
+        raise ConfigError("; ".join(problems)) from None
+    return config
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
-    """Defaults, then the YAML file at `path` (if any), then dotted `overrides` (None = not given)."""
+    """Defaults, then the YAML file at `path` (if any), then dotted `overrides` (None = not given);
+    validated by `validate_config`."""
     config = read_yaml(DEFAULTS_PATH)
     if path is not None:
         config = deep_merge(config, read_yaml(path))
     if overrides:
         config = deep_merge(config, dotted_to_nested(overrides))
-    return config
+    return validate_config(config)

@@ -46,7 +46,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.store import FEATURE_DIM, STR, CacheError, FeatureCache, ScanTable, encode_attr
+from cache.store import (
+    FEATURE_DIM,
+    STR,
+    CacheError,
+    FeatureCache,
+    ScanTable,
+    _corrupt_message,
+    check_finite,
+    encode_attr,
+    strings_digest,
+)
 from pipeline import __version__
 
 FORMATS = ("npz", "parquet", "h5")
@@ -165,8 +175,12 @@ def read_batches(cache: FeatureCache, selection: Selection, resolutions: Sequenc
         for resolution in resolutions:
             dataset = cache.file[f"features/{resolution}"]
             out = np.empty((len(rows), FEATURE_DIM), dtype=dataset.dtype)
-            for dest, src, length in runs:
-                dataset.read_direct(out, np.s_[src:src + length], np.s_[dest:dest + length])
+            try:
+                for dest, src, length in runs:
+                    dataset.read_direct(out, np.s_[src:src + length], np.s_[dest:dest + length])
+            except OSError as exc:  # Fletcher32 mismatch: a damaged chunk is never exported
+                raise CacheError(_corrupt_message(cache.path, dataset.name, exc)) from None
+            check_finite(out, f"{cache.path}: {dataset.name}")
             features[resolution] = out
         start = int(selection.offset[positions[0]])
         yield Batch(positions=positions, scans=selection.scans[positions], rows=rows,
@@ -468,16 +482,19 @@ class H5Writer(_Temporary):
         f.attrs["export_of"] = str(cache.path.resolve())
         f.create_dataset("scans/scan_id", data=np.array(list(table.scan_id[scans]), dtype=object), dtype=STR)
         f.create_dataset("scans/patient_id", data=np.array(list(table.patient_id[scans]), dtype=object), dtype=STR)
-        f.create_dataset("scans/labels", data=table.labels[scans].astype(np.float32).reshape(len(scans), c))
-        f.create_dataset("scans/offset", data=selection.offset)
-        f.create_dataset("scans/n_slices", data=selection.n_slices)
-        f.create_dataset("slices/z", shape=(n,), dtype=np.float64)
+        # Checksums as in the cache (cache/store.py): Fletcher32 on numbers, sha256 on strings (at close).
+        f.create_dataset("scans/labels", data=table.labels[scans].astype(np.float32).reshape(len(scans), c),
+                         fletcher32=True)
+        f.create_dataset("scans/offset", data=selection.offset, fletcher32=True)
+        f.create_dataset("scans/n_slices", data=selection.n_slices, fletcher32=True)
+        f.create_dataset("slices/z", shape=(n,), dtype=np.float64, fletcher32=True)
         f.create_dataset("slices/sop_uid", shape=(n,), dtype=STR)
         f.create_dataset("slices/path", shape=(n,), dtype=STR)
-        f.create_dataset("slices/labels", shape=(n, c), dtype=np.int8)
+        f.create_dataset("slices/labels", shape=(n, c), dtype=np.int8, fletcher32=True)
         chunks = (max(1, min(n, 4096)), FEATURE_DIM) if n else None
         for res in selection.resolutions:
-            f.create_dataset(f"features/{res}", shape=(n, FEATURE_DIM), dtype=np.float16, chunks=chunks)
+            f.create_dataset(f"features/{res}", shape=(n, FEATURE_DIM), dtype=np.float16, chunks=chunks,
+                             fletcher32=True)
 
     def write(self, batch: Batch) -> None:
         f, table, dest = self.file, self.table, batch.dest
@@ -489,6 +506,8 @@ class H5Writer(_Temporary):
             f[f"features/{res}"][dest] = vectors
 
     def close(self) -> None:
+        for name in ("scans/scan_id", "scans/patient_id", "slices/sop_uid", "slices/path"):
+            self.file[name].attrs["sha256"] = strings_digest(self.file[name][()])
         self.file.attrs["complete"] = True
         self.file.flush()
         self.file.close()

@@ -11,7 +11,6 @@ x/y/template fields) plus a PNG made with matplotlib's Agg backend (no display n
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,12 +21,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
+from cache import csv_safe
+
 
 def write_csv(path: str | Path, header: Sequence[str], rows) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv_safe.writer(handle)
         writer.writerow(list(header))
         writer.writerows(rows)
     return path

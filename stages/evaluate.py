@@ -9,6 +9,7 @@ import click
 import numpy as np
 
 from pipeline.metrics import cross_validation_metrics, json_safe, paired_ttest
+from pipeline.oof import REQUIRED, OofError, read_oof
 
 
 class StageError(click.ClickException):
@@ -30,9 +31,12 @@ def evaluate_run(run_dir: str | Path, threshold: float | None = None) -> dict:
         config_path = run_dir / "config.yaml"
         config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
         threshold = float(((config or {}).get("evaluate") or {}).get("threshold", 0.5))
-    with np.load(oof_path, allow_pickle=False) as oof:
-        labels, prob, fold = oof["labels"], oof["prob"], oof["fold"]
-        prob_primary, prob_aps = oof["prob_primary"], oof["prob_aps"]
+    try:
+        oof = read_oof(oof_path, (*REQUIRED, "prob_primary", "prob_aps"))
+    except OofError as exc:
+        raise StageError(str(exc)) from None
+    labels, prob, fold = oof["labels"], oof["prob"], oof["fold"]
+    prob_primary, prob_aps = oof["prob_primary"], oof["prob_aps"]
     names = list(info["label_names"])
     metrics = cross_validation_metrics(labels, prob, fold, names, threshold)
     metrics["model"] = info.get("model")

@@ -55,12 +55,15 @@ def _resolutions(value: str | None) -> list[int] | None:
 @click.option("--batch-size", type=int, help="Slices per forward pass [extract.batch_size].")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="auto = bf16 where fast [extract.precision].")
 @click.option("--scans-per-commit", type=int, help="Scans per crash-safe commit unit [extract.scans_per_commit].")
+@click.option("--keep-ids", is_flag=True, default=None,
+              help="Store patient and scan ids verbatim (data already de-identified, e.g. RSNA, CQ500); "
+                   "default: keyed pseudonyms [dataset.keep_ids].")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bars with slices/s and ETA on stderr.")
 @set_option
 def extract(config_path, data, layout, labels, scan_labels, out, resolutions, weights, aps_source, device, scheduler,
             workers, threads_per_worker, encode_on, worker_timeout, tls_ca, tls_cert, tls_key, batch_size, precision,
-            scans_per_commit, progress, settings):
+            scans_per_commit, keep_ids, progress, settings):
     """Stage one: run the frozen VGG16 over every slice of every scan at every resolution.
 
     \b
@@ -76,17 +79,21 @@ def extract(config_path, data, layout, labels, scan_labels, out, resolutions, we
     (OUT.parts/); run the same command again after a crash or kill and it
     continues where it stopped. A changed configuration is refused, naming the
     field. Undecodable slices or scans go to OUT's .rejects.csv with a reason.
+    Patient and scan ids are stored as keyed pseudonyms unless --keep-ids (the key
+    stays beside the data, never in the cache).
     """
     from cache.store import CacheError
     from pipeline.features.encoder import EncoderError
     from pipeline.features.extraction import run_extraction
     from pipeline.features.preprocess import PreprocessError
+    from pipeline.pseudonym import PseudonymError
 
     overrides = {
         "dataset.data": data,
         "dataset.layout": layout,
         "dataset.labels": labels,
         "dataset.scan_labels": scan_labels,
+        "dataset.keep_ids": keep_ids,
         "extract.out": out,
         "extract.resolutions": _resolutions(resolutions),
         "extract.weights": weights,
@@ -116,10 +123,11 @@ def extract(config_path, data, layout, labels, scan_labels, out, resolutions, we
         raise StageError(f"dataset.layout {dataset['layout']!r} is not one of {', '.join(LAYOUTS)}"
                          f"{did_you_mean(dataset['layout'], LAYOUTS)}")
     index = _build_index(root, dataset["layout"], dataset.get("labels"), progress, dataset.get("scan_labels"),
-                         dataset.get("cq500_series", "all"), bool(dataset.get("cq500_bone", False)))
+                         dataset.get("cq500_series", "all"), bool(dataset.get("cq500_bone", False)),
+                         dataset.get("allow_modalities"))
     try:
         run_extraction(index, config, progress=progress)
-    except (CacheError, EncoderError, PreprocessError, ConfigError) as exc:
+    except (CacheError, EncoderError, PreprocessError, ConfigError, PseudonymError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -128,11 +136,11 @@ def settings_keys(settings) -> set[str]:
 
 
 def _build_index(root: Path, layout: str, labels, progress: bool, scan_labels=None, cq500_series: str = "all",
-                 cq500_bone: bool = False):
+                 cq500_bone: bool = False, allow_modalities=None):
     from pipeline.data.index import build_scan_index
 
     try:
         return build_scan_index(root, layout, labels, scan_labels_csv=scan_labels, progress=progress,
-                                cq500_series=cq500_series, cq500_bone=cq500_bone)
+                                cq500_series=cq500_series, cq500_bone=cq500_bone, allow_modalities=allow_modalities)
     except (ValueError, OSError, KeyError) as exc:
         raise click.ClickException(f"cannot index the DICOM tree {root} as layout {layout!r}: {exc}") from None

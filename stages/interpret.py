@@ -15,6 +15,7 @@ import click
 import numpy as np
 
 from pipeline.metrics import json_safe
+from pipeline.oof import REQUIRED, read_oof
 from stages.options import set_option
 
 
@@ -54,7 +55,7 @@ def interpret_run(
     if not cache_file.is_absolute() and not cache_file.exists():
         cache_file = run_dir / cache_file
     cache = FeatureCache(cache_file)
-    oof = np.load(run_dir / "oof.npz")
+    oof = read_oof(run_dir / "oof.npz", (*REQUIRED, "sample_idx", "slice_attention"))
     names = list(meta.get("label_names") or cache.label_names)
     table = cache.table
     rows = np.array([cache.index_of(str(s)) for s in oof["scan_id"]], np.int64)
@@ -84,7 +85,7 @@ def sweep_point(run_dir: str | Path) -> dict:
     selection = model.get("aps_selection", meta.get("aps_selection", "attention"))
     if m_key is None:
         raise click.ClickException(f"{run_dir}: no model.m_key in config.yaml or run.json")
-    oof = np.load(run_dir / "oof.npz")
+    oof = read_oof(run_dir / "oof.npz")
     threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
     f1 = macro_f1(np.asarray(oof["labels"], np.float64), np.asarray(oof["prob"], np.float64), threshold)
     return {"m_key": int(m_key), "selection": str(selection), "macro_f1": f1, "run": str(run_dir)}
@@ -148,6 +149,7 @@ def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_di
     The slice-level tasks need slice labels (RSNA layout, phantom); on CQ500 they report 0 scans.
     """
     from cache.store import CacheError
+    from pipeline.oof import OofError
 
     try:
         from stages.options import load_stage_config
@@ -169,7 +171,7 @@ def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_di
             plots.write_mkey_sweep(points, plot_dir / "mkey_sweep.csv", plot_dir / "mkey_sweep.png")
             result["mkey_sweep"] = points
             (out_dir / "interpret.json").write_text(json.dumps(json_safe(result), indent=2))
-    except CacheError as exc:
+    except (CacheError, OofError) as exc:
         raise click.ClickException(str(exc)) from None
     for task, value in result["tasks"].items():
         acc = "n/a" if value["accuracy"] is None else f"{100 * value['accuracy']:.2f}%"

@@ -16,13 +16,13 @@ mismatch is refused with the differing fields named.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 from pathlib import Path
 
 import click
 import numpy as np
 
+from cache import csv_safe
 from stages.options import StageError, progress_option
 
 
@@ -124,6 +124,7 @@ def predict_folder(
     reports: bool = True,
     show_phi: bool = False,
     threshold: float | None = None,
+    keep_ids: bool = False,
     progress: bool = False,
     log=print,
 ) -> dict:
@@ -155,10 +156,13 @@ def predict_folder(
     if weights:
         ex["weights"] = weights
     ex.update({"out": str(out_dir / "features.h5"), "device": device, "workers": int(workers), "scheduler": None})
+    # New data: ids pseudonymised with the key beside this DICOM folder, unless --keep-ids.
+    config["dataset"] = {**(config.get("dataset") or {}), "keep_ids": bool(keep_ids), "pseudonym_key": None}
     _, digest = load_encoder(ex["weights"])
     check_encoder_provenance(ckpt_prov, ex, digest)
 
-    index = build_scan_index(dicom_dir, "folder", workers=None if workers else 1, progress=progress)
+    index = build_scan_index(dicom_dir, "folder", workers=None if workers else 1, progress=progress,
+                             allow_modalities=(config.get("dataset") or {}).get("allow_modalities"))
     if not index.scans:
         raise PredictError(f"no usable DICOM series under {dicom_dir} ({len(index.rejects)} files rejected)")
     run_extraction(index, config, progress=progress, log=log)
@@ -184,7 +188,7 @@ def predict_folder(
     root = Path(dicom_dir)
     csv_path = out_dir / "predictions.csv"
     with open(csv_path, "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv_safe.writer(handle)
         writer.writerow(["scan", "status", "source_folder", "study_uid", "n_slices", *names,
                          *(f"{n}_label" for n in names), "findings", "reason"])
         for i, label in enumerate(labels):
@@ -253,7 +257,9 @@ def predict_folder(
 @click.option("--no-reports", is_flag=True, help="Predictions only, no HTML/PNG reports.")
 @click.option("--show-phi", is_flag=True, help="Show patient identifiers in reports and CSV (off by default).")
 @progress_option
-def predict(dicom_dir, run_dir, checkpoint, out_dir, weights, device, workers, threshold, no_reports, show_phi, progress):
+@click.option("--keep-ids", is_flag=True, help="Keep scan and patient ids verbatim (de-identified data); default: keyed pseudonyms.")
+def predict(dicom_dir, run_dir, checkpoint, out_dir, weights, device, workers, threshold, no_reports, show_phi, progress,
+            keep_ids):
     """Predict new scans from a folder of DICOM series (one scan per SeriesInstanceUID).
 
     \b
@@ -278,6 +284,7 @@ def predict(dicom_dir, run_dir, checkpoint, out_dir, weights, device, workers, t
         checkpoints = run_checkpoints(run_dir) if run_dir else checkpoint
         summary = predict_folder(dicom_dir, checkpoints, out_dir, weights=weights, device=device, workers=workers,
                                  reports=not no_reports, show_phi=show_phi, threshold=threshold, progress=progress,
+                                 keep_ids=keep_ids,
                                  log=lambda msg: click.echo(msg, err=True))
     except (PredictError, CheckpointError, CacheError, EncoderError, ReportError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

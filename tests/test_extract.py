@@ -55,7 +55,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def make_config(out: Path, data: Path, **extract) -> dict:
     overrides = {
-        "dataset.data": str(data), "dataset.layout": "folder",
+        "dataset.data": str(data), "dataset.layout": "folder", "dataset.keep_ids": True,  # ids compared below
         "extract.out": str(out), "extract.resolutions": RESOLUTIONS, "extract.weights": "random:0",
         "extract.workers": 0, "extract.scans_per_commit": 2, "extract.batch_size": 4,
         "extract.precision": "fp32", "extract.device": "cpu",
@@ -146,7 +146,7 @@ def test_sigkill_mid_extraction_then_resume_equals_uninterrupted(reference, data
     command = [sys.executable, "-m", "stages.cli", "extract", "--data", str(dataset), "--layout", "folder",
                "--out", str(out), "--resolutions", ",".join(map(str, RESOLUTIONS)), "--weights", "random:0",
                "--workers", "1", "--scans-per-commit", "2", "--batch-size", "4", "--precision", "fp32",
-               "--device", "cpu", "--no-progress"]
+               "--device", "cpu", "--no-progress", "--keep-ids"]
     env = {**os.environ, PAUSE_ENV: "5"}
     # Own process group: the SIGKILL takes the dask worker processes with it, like a machine crash.
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

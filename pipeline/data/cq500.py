@@ -208,6 +208,7 @@ def build_cq500_index(
     progress: bool | None = None,
     series: str = "all",
     bone: bool = False,
+    allow_modalities: list[str] | None = None,
 ) -> ScanIndex:
     """Index a CQ500-layout folder (see module docstring for the labels and the series rule:
     `series` "all" or "one", `bone` keeps bone-kernel series)."""
@@ -229,6 +230,7 @@ def build_cq500_index(
         read_headers(candidate_files(root), workers, processes, progress),
         index.rejects,
         scan_id_of=lambda h: "",
+        allow_modalities=allow_modalities,
     )
     by_patient: dict[str, dict[str, list[SliceHeader]]] = defaultdict(lambda: defaultdict(list))
     for header in headers:

@@ -18,7 +18,16 @@ and the feature extractor agree:
 * padding outside the scan circle (raw -2000 -> -3024 HU) and other out-of-range values:
   HU clipped to [-1024, 3071], the 12-bit CT range;
 * multi-frame, colour or otherwise non-2-D images and undecodable pixel data: `SliceError`
-  with a human reason, which the callers turn into a rejects entry.
+  with a human reason, which the callers turn into a rejects entry;
+* bad pixel scaling: a RescaleSlope or RescaleIntercept that is NaN, infinite or zero, a rescale
+  that sends every pixel out of the CT range (slope 1e300), and Rows x Columns that do not match
+  the length of uncompressed pixel data are `SliceError`s too: silently constant, garbled or NaN
+  images would otherwise be cached as if they were fine;
+* modality: only CT is read unless the caller allows others (`dataset.allow_modalities`), since
+  HU windows mean nothing on an MR image (`check_modality`, applied at indexing).
+
+Tag values come from anywhere: `clean_text` turns any of them (NUL bytes, non-UTF-8 bytes, very
+long values) into a short printable str, so one odd header never aborts a run.
 
 Slice order uses `slice_position`: ImagePositionPatient projected on the slice normal
 (row x column direction cosines), which stays correct under gantry tilt, where IPP[2] alone
@@ -27,6 +36,7 @@ is only right by luck.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +77,48 @@ HEADER_TAGS = [
 ]
 
 LOCALIZER_WORDS = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW", "SCANOGRAM")
+DEFAULT_MODALITIES = ("CT",)
+MAX_TEXT = 256  # characters kept of a tag value (ids, descriptions); longer values are cut
+# Uncompressed transfer syntaxes, whose pixel data length is fully determined by the header.
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 
 
 class SliceError(Exception):
     """A slice that cannot be used; the message is the human reason written to the rejects file."""
+
+
+def clean_text(value: Any, limit: int = MAX_TEXT) -> str:
+    """Any tag value as a storable str: bytes decoded as UTF-8 (invalid bytes replaced), NUL and
+    other control characters removed, lone surrogates replaced, cut to `limit` characters.
+
+    Why: HDF5 variable-length strings refuse embedded NULs and non-UTF-8 text, and a CSV cell
+    with a newline or a megabyte of text helps nobody; one odd tag must never abort a run."""
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        text = bytes(value).decode("utf-8", errors="replace")
+    else:
+        text = str(value)
+    text = text.encode("utf-8", errors="replace").decode("utf-8", errors="replace")
+    text = "".join(ch for ch in text if ch >= " " and ch != "\x7f").strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def modality_of(ds: Dataset) -> str:
+    """Modality tag, upper case ("" where absent)."""
+    return clean_text(ds.get("Modality", "")).upper()
+
+
+def check_modality(modality: str, allowed: Sequence[str] | None = None) -> str | None:
+    """The reject reason for a slice of a modality not allowed, or None. An absent Modality is
+    accepted (some anonymisers drop it); CT only unless `allowed` lists others."""
+    allowed = [str(m).upper() for m in (allowed or DEFAULT_MODALITIES)]
+    if not modality or modality in allowed:
+        return None
+    return (
+        f"modality {modality} is not {' or '.join(allowed)}: refused (HU windows are meaningless on it); "
+        f"add it to dataset.allow_modalities to extract it anyway"
+    )
 
 
 def read_header(path: str | Path, tags: list[str] | None = None) -> Dataset:
@@ -186,14 +234,53 @@ def check_single_frame(ds: Dataset) -> None:
         raise SliceError(f"not a greyscale image (SamplesPerPixel {samples})")
 
 
-def _rescale(ds: Dataset) -> tuple[float, float]:
-    """RescaleSlope / RescaleIntercept as floats (they are DS strings); defaults 1 and 0."""
+def _tag_float(ds: Dataset, keyword: str, default: float) -> float:
+    """A numeric tag as float; absent or empty -> default (a present 0 stays 0)."""
+    value = ds.get(keyword)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        raise SliceError(f"malformed {keyword}: {len(value)} values, expected one")
     try:
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        return float(value)
     except (TypeError, ValueError) as exc:
-        raise SliceError(f"malformed RescaleSlope/RescaleIntercept: {exc}") from exc
+        raise SliceError(f"malformed {keyword}: {clean_text(value, 40)!r}") from exc
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    """RescaleSlope / RescaleIntercept as floats (they are DS strings); defaults 1 and 0.
+
+    A NaN or infinite value, or a zero slope, is a `SliceError`: it would give NaN or constant HU."""
+    slope = _tag_float(ds, "RescaleSlope", 1.0)
+    intercept = _tag_float(ds, "RescaleIntercept", 0.0)
+    if not np.isfinite(slope) or not np.isfinite(intercept):
+        raise SliceError(f"bad pixel scaling: RescaleSlope {slope}, RescaleIntercept {intercept} (not finite)")
+    if slope == 0:
+        raise SliceError("bad pixel scaling: RescaleSlope is 0 (every pixel would have the same value)")
     return slope, intercept
+
+
+def check_pixel_length(ds: Dataset) -> None:
+    """Raise `SliceError` when uncompressed pixel data is not Rows x Columns x BitsAllocated long
+    (pydicom would reshape a wrong length into a garbled image, or cut it silently)."""
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if syntax and syntax not in _NATIVE_SYNTAXES:
+        return  # compressed: the decoder checks the frame size
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise SliceError(f"malformed image size tags: {exc}") from exc
+    if rows <= 0 or columns <= 0:
+        raise SliceError(f"image size {rows} x {columns} is empty")
+    expected = (rows * columns * samples * _frames(ds) * bits + 7) // 8
+    actual = len(ds.PixelData)
+    if actual not in (expected, expected + (expected % 2)):  # DICOM pads odd lengths with one byte
+        raise SliceError(
+            f"pixel data cannot be decoded: its length ({actual} bytes) does not match Rows x Columns ({rows} x {columns}, "
+            f"{bits} bits: {expected} bytes)"
+        )
 
 
 def needs_rsna_12bit_fix(ds: Dataset) -> bool:
@@ -213,6 +300,8 @@ def hu_from_dataset(ds: Dataset) -> np.ndarray:
     check_single_frame(ds)
     if "PixelData" not in ds:
         raise SliceError("no pixel data")
+    check_pixel_length(ds)
+    slope, intercept = _rescale(ds)
     try:
         raw = ds.pixel_array
     except Exception as exc:
@@ -221,7 +310,6 @@ def hu_from_dataset(ds: Dataset) -> np.ndarray:
         raise SliceError(f"pixel array is not 2-D (shape {tuple(raw.shape)})")
     if raw.size == 0:
         raise SliceError("empty pixel array")
-    slope, intercept = _rescale(ds)
     values = raw.astype(np.int32)
     if needs_rsna_12bit_fix(ds):
         # Kaggle RSNA 2019 fix: x = pixel_array + 1000; x[x >= 4096] -= 4096; intercept = -1000.
@@ -236,8 +324,17 @@ def hu_from_dataset(ds: Dataset) -> np.ndarray:
         else:
             low, high = 0, (1 << bits) - 1
         values = (low + high) - values
-    hu = values.astype(np.float64) * slope + intercept
-    return np.clip(hu, HU_MIN, HU_MAX).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        hu = values.astype(np.float64) * slope + intercept
+    if not np.all(np.isfinite(hu)):
+        raise SliceError(f"bad pixel scaling: RescaleSlope {slope:g} gives non-finite HU values")
+    clipped = np.clip(hu, HU_MIN, HU_MAX)
+    if values.min() != values.max() and clipped.min() == clipped.max():
+        raise SliceError(
+            f"bad pixel scaling: RescaleSlope {slope:g}, RescaleIntercept {intercept:g} put every pixel "
+            f"outside the CT range [{HU_MIN:g}, {HU_MAX:g}] HU (the image would be constant)"
+        )
+    return clipped.astype(np.float32)
 
 
 def read_hu(path: str | Path) -> np.ndarray:

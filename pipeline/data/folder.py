@@ -23,12 +23,21 @@ from pipeline.data.series import (
 
 
 def build_folder_index(
-    root: Path, *, workers: int | None = None, processes: bool = False, progress: bool | None = None
+    root: Path,
+    *,
+    workers: int | None = None,
+    processes: bool = False,
+    progress: bool | None = None,
+    allow_modalities: list[str] | None = None,
 ) -> ScanIndex:
     """Index every DICOM series under root (unlabelled)."""
     root = Path(root).resolve()
     index = ScanIndex(layout="folder", root=str(root), label_names=[])
-    headers = split_headers(read_headers(candidate_files(root), workers, processes, progress), index.rejects)
+    headers = split_headers(
+        read_headers(candidate_files(root), workers, processes, progress),
+        index.rejects,
+        allow_modalities=allow_modalities,
+    )
     groups: dict[str, list[SliceHeader]] = defaultdict(list)
     for header in headers:
         groups[header.series_uid].append(header)

@@ -30,6 +30,7 @@ def build_scan_index(
     progress: bool | None = None,
     cq500_series: str = "all",
     cq500_bone: bool = False,
+    allow_modalities: list[str] | None = None,
 ) -> ScanIndex:
     """Index a DICOM tree: one `ScanRecord` per scan (slices in z order, labels), plus rejects.
 
@@ -38,13 +39,14 @@ def build_scan_index(
     file for rsna/cq500 is an error with the path in the message. `scan_labels_csv` (rsna and
     cq500): a scan-level label table (see `read_scan_labels_csv`) that gives or overrides scan labels.
     `cq500_series` (all | one) and `cq500_bone`: the CQ500 cohort rule (pipeline/data/cq500.py).
+    `allow_modalities`: the DICOM Modality values read (default CT only; see `check_modality`).
     """
     root = Path(root).resolve()
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if not root.is_dir():
         raise FileNotFoundError(f"DICOM root is not a folder: {root}")
-    options = {"workers": workers, "processes": processes, "progress": progress}
+    options = {"workers": workers, "processes": processes, "progress": progress, "allow_modalities": allow_modalities}
     if layout == "rsna":
         index = build_rsna_index(root, labels_csv, scan_labels_csv=scan_labels_csv, **options)
     elif layout == "cq500":

@@ -22,7 +22,6 @@ same seed gives byte-identical files.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -35,6 +34,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from cache import csv_safe
 from pipeline.data.labels import CQ500_LABELS, RSNA_LABELS
 from pipeline.data.phantom_anatomy import (
     BLEEDS,
@@ -488,7 +488,7 @@ def _write_rsna(out: Path, scans: int, seed: int, size: int, progress) -> Phanto
     lines = [rows_csv[6 * i + j] for i in image_order for j in range(6)]
     dups = [lines[int(i)] for i in rng.choice(len(lines), size=max(1, len(lines) // 2000), replace=False)]
     with open(out / "stage_2_train.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv_safe.writer(handle)
         writer.writerow(["ID", "Label"])
         writer.writerows(lines + dups)
     _write_truth(out, ["scan_id", "patient_id", "study_uid", "n_slices", *RSNA_LABELS], truth_rows)
@@ -497,7 +497,7 @@ def _write_rsna(out: Path, scans: int, seed: int, size: int, progress) -> Phanto
 
 def _write_truth(out: Path, header: list[str], rows: list[list]) -> None:
     with open(out / "scans_truth.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv_safe.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
 
@@ -560,11 +560,11 @@ def _write_cq500(out: Path, scans: int, seed: int, size: int, progress) -> Phant
         if progress:
             progress(k + 1, scans)
     with open(out / "reads.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv_safe.writer(handle)
         writer.writerow(["name", "Category", *[f"{r}:{c}" for r in ("R1", "R2", "R3") for c in READ_COLUMNS]])
         writer.writerows(read_rows)
     with open(out / "slice_labels.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv_safe.writer(handle)
         writer.writerow(["SOPInstanceUID", *CQ500_LABELS])
         writer.writerows(slice_rows)
     _write_truth(out, ["scan_id", "patient_id", "name", "series_description", "n_slices", *CQ500_LABELS],

@@ -130,6 +130,7 @@ def build_rsna_index(
     workers: int | None = None,
     processes: bool = False,
     progress: bool | None = None,
+    allow_modalities: list[str] | None = None,
 ) -> ScanIndex:
     """Index an RSNA-layout folder (see module docstring for the rules)."""
     root = Path(root).resolve()
@@ -146,7 +147,11 @@ def build_rsna_index(
     def label_of(header: SliceHeader) -> list[int] | None:
         return slice_labels.get(Path(header.path).stem) or slice_labels.get(header.sop_uid)
 
-    headers = split_headers(read_headers(image_files(root), workers, processes, progress), index.rejects)
+    headers = split_headers(
+        read_headers(image_files(root), workers, processes, progress),
+        index.rejects,
+        allow_modalities=allow_modalities,
+    )
     groups: dict[tuple[str, str, str], list[SliceHeader]] = defaultdict(list)
     for header in headers:
         groups[(header.patient_id, header.study_uid, header.series_uid)].append(header)

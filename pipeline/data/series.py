@@ -33,8 +33,11 @@ import numpy as np
 from pipeline.data.dicom_io import (
     HEADER_TAGS,
     SliceError,
+    check_modality,
+    clean_text,
     instance_number,
     is_localizer,
+    modality_of,
     read_header,
     slice_normal,
     slice_position,
@@ -89,6 +92,7 @@ class SliceHeader:
     convolution_kernel: str = ""
     slice_thickness: float | None = None
     contrast_agent: str = ""
+    modality: str = ""
 
 
 def header_of(path: str) -> SliceHeader:
@@ -112,26 +116,28 @@ def header_of(path: str) -> SliceHeader:
         return SliceHeader(path=path, error=f"not a greyscale image (SamplesPerPixel {samples})")
     normal = slice_normal(ds)
     kernel = ds.get("ConvolutionKernel", "")
-    if not isinstance(kernel, str):
+    if not isinstance(kernel, (str, bytes)):
         kernel = " ".join(str(k) for k in kernel)
     try:
         thickness = float(ds.get("SliceThickness")) if ds.get("SliceThickness") not in (None, "") else None
     except (TypeError, ValueError):
         thickness = None
+    # Every text value goes through clean_text: a NUL, non-UTF-8 or huge tag must not abort a run.
     return SliceHeader(
         path=path,
-        sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        patient_id=str(ds.get("PatientID", "") or ""),
+        sop_uid=clean_text(ds.get("SOPInstanceUID", "")),
+        series_uid=clean_text(ds.get("SeriesInstanceUID", "")),
+        study_uid=clean_text(ds.get("StudyInstanceUID", "")),
+        patient_id=clean_text(ds.get("PatientID", "")),
         position=slice_position(ds),
         normal=None if normal is None else tuple(float(v) for v in normal),
         instance_number=instance_number(ds),
         localizer=is_localizer(ds),
-        series_description=str(ds.get("SeriesDescription", "") or ""),
-        convolution_kernel=str(kernel or ""),
+        series_description=clean_text(ds.get("SeriesDescription", "")),
+        convolution_kernel=clean_text(kernel),
         slice_thickness=thickness,
-        contrast_agent=str(ds.get("ContrastBolusAgent", "") or ""),
+        contrast_agent=clean_text(ds.get("ContrastBolusAgent", "")),
+        modality=modality_of(ds),
     )
 
 
@@ -192,11 +198,17 @@ def candidate_files(root: Path) -> list[str]:
 
 
 def split_headers(
-    headers: list[SliceHeader], rejects: list[Reject], scan_id_of: Callable[[SliceHeader], str] | None = None
+    headers: list[SliceHeader],
+    rejects: list[Reject],
+    scan_id_of: Callable[[SliceHeader], str] | None = None,
+    allow_modalities: list[str] | None = None,
 ) -> list[SliceHeader]:
-    """Headers that read; the others go to `rejects` with their reason."""
+    """Headers that read and whose modality is allowed (CT by default); the others go to
+    `rejects` with their reason."""
     good = []
     for header in headers:
+        if header.error is None:
+            header.error = check_modality(header.modality, allow_modalities)
         if header.error is not None:
             rejects.append(
                 Reject(

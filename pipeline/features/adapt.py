@@ -214,6 +214,12 @@ def adapt_encoder(
     torch.save({f"features.{k}": v.float() for k, v in adapted.features.state_dict().items()}, tmp)
     tmp.replace(out_path)
     scan_ids = sorted({slice_scans[i] for i in kept})
+    dataset = config.get("dataset") or {}
+    if not dataset.get("keep_ids", False):  # as stage one stores them: keyed pseudonyms, so no PatientID
+        from pipeline.pseudonym import key_path, load_or_create_key, pseudonym  # leaks and overlaps still match
+
+        key = load_or_create_key(key_path(index.root, dataset.get("pseudonym_key")))
+        scan_ids = sorted(pseudonym(key, "scan", scan_id) for scan_id in scan_ids)
     record = {
         "adapted_from": str(ex["weights"]),
         "source_digest": source_digest,
@@ -229,6 +235,7 @@ def adapt_encoder(
         "n_scans": len(scan_ids),
         "n_slices": len(labels),
         "scan_ids_sha256": hashlib.sha256("\n".join(scan_ids).encode()).hexdigest(),
+        "ids": "kept" if dataset.get("keep_ids", False) else "pseudonymised",
         "scan_ids": scan_ids,
         "slices_left_out": len(errors),
         "history": history,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 from contextlib import nullcontext
 from pathlib import Path
@@ -106,8 +107,16 @@ def _load_file(path: Path) -> dict:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise EncoderError(f"cannot read weights file {path} as a torch state dict (not a torch file)") from None
+        raise EncoderError(
+            f"cannot read weights file {path}: refused, it holds Python objects besides tensors (never unpickled); "
+            "give a plain VGG16 state dict"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise EncoderError(f"cannot read weights file {path} as a torch state dict: {exc}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise EncoderError(f"cannot read weights file {path} as a torch state dict ({reason})") from None
     if not isinstance(state, dict):
         raise EncoderError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     return state

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cache.store import CacheError
-from cache.writer import PartsWriter, ScanFeatures, Unit
+from cache.store import FEATURE_DIM, MB, CacheError, free_bytes
+from cache.writer import PartsWriter, ScanFeatures, Unit, input_fingerprint
 from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
 from pipeline.features.adapt import adaptation_record
 from pipeline.features.cluster import ClusterError, DaskExecutor, InlineExecutor, make_security
@@ -50,6 +50,7 @@ from pipeline.features.worker import (
     resolve_on_worker,
     setup_worker,
 )
+from pipeline.pseudonym import key_check, key_path, load_or_create_key, pseudonymise_index
 
 # Seconds to sleep after each commit: lets crash tests kill a run between and during commits.
 PAUSE_ENV = "DRCT_EXTRACT_PAUSE_AFTER_COMMIT"
@@ -139,6 +140,17 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
     if not index.scans:
         raise CacheError(f"no scans found under {index.root} (layout {index.layout}); nothing to extract")
     out = Path(ex["out"])
+    ids, id_key = "kept", ""
+    dataset = config.get("dataset") or {}
+    if not dataset.get("keep_ids", False):
+        # No PatientID in the cache, and so in nothing made from it (runs, exports, reports).
+        key = load_or_create_key(key_path(index.root, dataset.get("pseudonym_key")))
+        index = pseudonymise_index(index, key)
+        ids, id_key = "pseudonymised", key_check(key)
+    # What identifies each scan's inputs (size and mtime of every slice file): a scan whose files
+    # changed, appeared or disappeared since it was extracted is extracted again on resume.
+    fingerprints = {s.scan_id: input_fingerprint([sl.path for sl in s.slices], index.root) for s in index.scans}
+    scan_order = [s.scan_id for s in index.scans]
     use_dask = scheduler is not None or workers > 0
     on_workers = use_dask and encode_on == "workers"
     spec = EncoderSpec(str(ex["weights"]), str(ex["device"]), str(ex["precision"]))
@@ -181,16 +193,30 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
             "label_names": list(index.label_names),
             "layout": index.layout,
             "data_root": str(Path(index.root).resolve()),
+            "ids": ids,
+            "id_key": id_key,
             "n_scans": len(index.scans),
             "scan_ids": [s.scan_id for s in index.scans],
         }
         with PartsWriter(out, manifest) as writer:
-            todo = [i for i, s in enumerate(index.scans) if s.scan_id not in writer.done]
+            todo = [i for i, s in enumerate(index.scans) if writer.needs(s.scan_id, fingerprints[s.scan_id])]
+            changed = [index.scans[i].scan_id for i in todo if index.scans[i].scan_id in writer.done]
             skipped = len(index.scans) - len(todo)
-            if not todo and not writer.part_files() and writer.previous_cache is not None:
+            if not todo and writer.up_to_date(scan_order):
                 writer.discard_parts()
                 log(f"{out} is up to date: all {len(index.scans)} scans are in it")
                 return ExtractResult(out, None, len(index.scans), 0, 0, skipped, 0.0, 0.0, 0.0, up_to_date=True)
+            if changed:
+                log(f"{len(changed)} scans changed since they were extracted (files edited, added or removed): "
+                    "extracting them again")
+            # Space: each slice is 1 KiB per resolution in the parts and again in the merged cache.
+            all_slices = sum(len(s.slices) for s in index.scans)
+            writer.job_bytes = int(all_slices * len(resolutions) * FEATURE_DIM * 2 * 2 * 1.1) + MB
+            free = free_bytes(out.parent)
+            if 0 <= free < writer.job_bytes:
+                log(f"warning: {out.parent} has {free / MB:.0f} MB free; this extraction needs about "
+                    f"{writer.job_bytes / MB:.0f} MB (parts, then the merged cache); it stops cleanly, "
+                    "keeping what is committed, if the disk fills")
             if skipped:
                 log(f"resuming: {skipped} of {len(index.scans)} scans already done, {len(todo)} to go")
             if executor is None and todo and use_dask:
@@ -199,7 +225,7 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
                                         worker_timeout=worker_timeout, log=log)
             elif executor is None:  # no dask, or nothing left but the merge
                 executor = InlineExecutor()
-            return _extract(index, todo, skipped, scan_order=[s.scan_id for s in index.scans], writer=writer,
+            return _extract(index, todo, skipped, scan_order=scan_order, fingerprints=fingerprints, writer=writer,
                             executor=executor, runner=runner, spec=spec if on_workers else None, digest=digest,
                             precision=precision, device_text=device_text, resolutions=resolutions,
                             windows=windows, aps_source=aps_source, batch_size=batch_size,
@@ -209,7 +235,7 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
             executor.close()
 
 
-def _extract(index, todo, skipped, *, scan_order, writer, executor, runner, spec, digest, precision, device_text,
+def _extract(index, todo, skipped, *, scan_order, fingerprints, writer, executor, runner, spec, digest, precision, device_text,
              resolutions, windows, aps_source, batch_size, scans_per_commit, progress, log, weights) -> ExtractResult:
     """The loop of `run_extraction`: tasks in flight, results in order, one commit per unit."""
     units: dict[int, list[int]] = {}
@@ -283,6 +309,7 @@ def _extract(index, todo, skipped, *, scan_order, writer, executor, runner, spec
                 scan = index.scans[i]
                 if not kept[i]:
                     unit.rejected_scan_ids.append(scan.scan_id)
+                    unit.rejected_fingerprints.append(fingerprints[scan.scan_id])
                     unit.rejects.append(Reject(
                         path=_scan_dir(scan),
                         reason=f"scan rejected: none of its {len(scan.slices)} slices could be decoded",
@@ -299,6 +326,7 @@ def _extract(index, todo, skipped, *, scan_order, writer, executor, runner, spec
                     paths=[s.path for s in slices],
                     slice_labels=[s.labels for s in slices],
                     features={r: np.concatenate(features[i][r]) for r in resolutions},
+                    fingerprint=fingerprints[scan.scan_id],
                 ))
             writer.commit(unit)
             if pause:

@@ -29,6 +29,7 @@ from cache.store import FeatureCache
 from pipeline.features.encoder import load_encoder
 from pipeline.features.preprocess import preprocess_slice
 from pipeline.interpret import top_positions
+from pipeline.oof import REQUIRED, OofError, read_oof
 from pipeline.report.heatmap import conv_maps, display_image, upsample, weighted_map
 from pipeline.report.index import IndexRow, write_index
 from pipeline.report.render import ScanReport, TopSlice, write_report
@@ -128,7 +129,10 @@ def load_run_source(run_dir: str | Path, cache_path: str | Path | None = None, t
     meta = json.loads(meta_path.read_text())
     cache_file = Path(cache_path) if cache_path else _resolve(str(meta.get("cache", "")), run_dir)
     cache = FeatureCache(cache_file)
-    oof = np.load(oof_path, allow_pickle=False)
+    try:
+        oof = read_oof(oof_path, (*REQUIRED, "sample_idx", "slice_attention", "feature_attention"))
+    except OofError as exc:
+        raise ReportError(str(exc)) from None
     if threshold is None:
         threshold = 0.5
         config_path = run_dir / "config.yaml"

@@ -9,6 +9,7 @@ vectors of another encoder: see pipeline.features.provenance).
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -52,8 +53,17 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise CheckpointError(f"{path} is not a readable DrCT checkpoint: {exc}") from None
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"{path} is not a readable DrCT checkpoint (not a torch file)") from None
+        # torch's message is a page of advice to pass weights_only=False: exactly what must not happen.
+        raise CheckpointError(
+            f"{path} is not a readable DrCT checkpoint: refused, it holds Python objects besides tensors and "
+            "plain values (not written by `drct train`, or tampered); it is never unpickled"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any other failure means "not our checkpoint"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{path} is not a readable DrCT checkpoint ({reason})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
         raise CheckpointError(f"{path} is not a DrCT checkpoint (no state_dict/config)")
     return payload
