@@ -185,7 +185,13 @@ def validate_config(config: dict) -> dict:
         problems = []
         for error in exc.errors()[:3]:
             key = ".".join(str(part) for part in error["loc"])
-            problems.append(f"config key '{key}': {error['msg']} (got {error.get('input')!r})")
+            hint = ""
+            if error.get("type") == "literal_error" and isinstance(error.get("input"), str):
+                expected = [str(v) for v in (error.get("ctx") or {}).get("expected", "").replace("'", "").replace(
+                    " or ", ", ").split(", ") if v]
+                close = difflib.get_close_matches(error["input"], expected, n=1, cutoff=0.5)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"config key '{key}': {error['msg']} (got {error.get('input')!r}{hint})")
         raise ConfigError("; ".join(problems)) from None
     return config
 
