@@ -67,6 +67,7 @@ sys.meta_path.insert(0, _ConvHook())
 
 TINY_PARAMS = {
     "phantom": {"scans": 6, "seed": 3, "layout": "rsna", "size": 32},
+    "adapt": {"data": None, "epochs": 1},
     "dataset": {"layout": "rsna", "data": "data/phantom", "labels": None},
     "extract": {"resolutions": [32, 64], "weights": "random:0", "aps_source": "upsampled", "workers": 0,
                 "batch_size": 64},
