@@ -1,13 +1,15 @@
-"""Per-channel standardisation of the cached VGG16 vectors before the primary network.
+"""Per-channel normalisation of the cached VGG16 vectors before the heads (``model.input_norm``).
 
-Why: eq. 3's softmax runs over the 512 raw values of a slice vector. Max-pooled VGG16 values
-are non-negative and spread over several units, so exp(z) is dominated by the 1-3 largest
-channels of every slice: the attention keeps a handful of channels that say "bright anatomy"
-and x = z * w hides everything else from the BiGRU (measured on a planted cache: about 8
-effective channels of 512, and a model at chance). Standardising each channel with the
-training scans' mean and sd (fixed statistics, no parameters: a property of the frozen encoder's
-output, like ImageNet's pixel mean and sd are of its input) makes the softmax compare how
-unusual each channel is for this slice, not how large the channel is in general.
+Why: max-pooled VGG16 values are non-negative and spread over several units, and their level
+depends on anatomy and scanner as much as on disease. Measured on planted caches (BENCHMARKS.md,
+issue 8), raw vectors leave DrCT2 at chance: eq. 3 keeps about 8 of 512 channels and a channel's
+absolute level says nothing about a lesion.
+
+* ``scan`` (default): each channel minus the scan's own median over its sampled slices, over the
+  training sd. A lesion is a rise relative to the rest of the same head; a per-scan gain cancels.
+* ``standardize``: minus the training mean, over the training sd (fixed statistics, like
+  ImageNet's pixel mean and sd for the encoder's input).
+* ``none``: the raw vectors.
 
 The statistics are buffers: they travel in the checkpoint and are set once per fold from that
 fold's training scans (never the validation scans).
