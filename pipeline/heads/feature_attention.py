@@ -1,10 +1,17 @@
 """Feature attention (paper eq. 3): re-weight the 512 values of each slice vector.
 
-Eq. 3 as written: w_i = exp(z_i) / sum_j exp(z_j) over the 512 values of one slice vector,
-and the new representation is x = z * w (element-wise, paper V.A.2 "we use element-wise
-multiplication to merge these two vectors"). There are no parameters: the attention only
-re-scales what the frozen VGG16 already found salient, which is why the weights can be drawn
-as a per-feature heat map in the report (the CAM of the highest-weighted channels).
+Eq. 3: w_i = exp(s_i) / sum_j exp(s_j) over the 512 nodes of one slice vector, and the new
+representation is x = z * w (element-wise, paper V.A.2 "we use element-wise multiplication to
+merge these two vectors"). The weights can be drawn as a per-feature heat map in the report.
+
+Modes (config ``model.feature_attention``):
+
+* ``learnable`` (default): s = W z + b, one dense scoring layer before the softmax, as attention
+  layers are built ("assign different weights to each node"). Measured on planted caches, this
+  is the form that learns which channels carry a lesion (BENCHMARKS.md, issue 8).
+* ``softmax``: s = z, eq. 3 read literally, no parameters. On VGG16-like vectors it keeps the
+  few largest channels of every slice and leaves the heads at chance (measured).
+* ``none``: w = 1/D, the ablation without feature attention.
 
 Scale: the weights of one slice sum to 1, so x = z * w is about 1/512 of z, and the BiGRU
 starts from inputs three orders of magnitude smaller than its own initialisation expects.
@@ -12,9 +19,6 @@ starts from inputs three orders of magnitude smaller than its own initialisation
 uniform attention leaves z unchanged: x = D * z * w. A constant factor is absorbed by the
 BiGRU's input weights in exact arithmetic, so this is eq. 3 with a better starting point;
 ``one`` keeps the literal form.
-
-A learnable variant (``mode='learnable'``, config ``model.feature_attention: learnable``) scores
-each value with a linear map before the softmax, w = softmax(W z + b); it is not in the paper.
 """
 
 from __future__ import annotations
