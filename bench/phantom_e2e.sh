@@ -29,6 +29,6 @@ done
 step "evaluate, interpret, report"
 drct evaluate "$OUT/drct2" --compare "$OUT/drct1"
 drct evaluate "$OUT/drct1"
-drct interpret "$OUT/drct2" --out "$OUT/interpret" --no-progress || true
-drct report "$OUT/drct2" --out "$OUT/reports" --no-progress || true
+drct interpret "$OUT/drct2" --out "$OUT/interpret"
+drct report "$OUT/drct2" --out "$OUT/reports" --no-progress
 step "done"
