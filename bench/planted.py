@@ -19,6 +19,7 @@ Writes OUT/planted.json and prints a Markdown table for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -72,8 +73,7 @@ def logistic_baseline(cache: FeatureCache, fold: np.ndarray, folds_run: list[int
 
 def run(config: dict, cache_path: Path, out: Path, label: str, overrides: dict, log) -> dict:
     """Train one variant on the configured folds, return its metrics and Algorithm 1 accuracies."""
-    cfg = load_config(None, {})
-    cfg.update({k: dict(v) for k, v in config.items()})
+    cfg = copy.deepcopy(config)
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         cfg[section][key] = value

@@ -97,9 +97,8 @@ def train_sweep(run_dir: str | Path, m_keys: list[int], epochs: int | None = Non
     """Fig. 6 by training: retrain RUN_DIR's configuration at each m_key x selection (via the
     training API, optionally with fewer epochs) into OUT_DIR/sweep/mkey<N>_<selection>/
     (OUT_DIR defaults to RUN_DIR)."""
-    import copy
-
     from pipeline.training.trainer import run_training
+    from stages.sweep import sweep_configs
 
     run_dir = Path(run_dir)
     meta, config = _run_meta(run_dir)
@@ -110,17 +109,11 @@ def train_sweep(run_dir: str | Path, m_keys: list[int], epochs: int | None = Non
     if bad:
         raise click.ClickException(f"m_key values {bad} are outside 1..m = {m}")
     out_dirs = []
-    for m_key in m_keys:
-        for selection in selections:
-            cfg = copy.deepcopy(config)
-            cfg["model"]["m_key"] = int(m_key)
-            cfg["model"]["aps_selection"] = selection
-            if epochs:
-                cfg["train"]["epochs"] = int(epochs)
-            out = Path(out_dir or run_dir) / "sweep" / f"mkey{m_key}_{selection}"
-            log(f"sweep: training m_key={m_key} selection={selection} -> {out}")
-            run_training(cfg, meta["cache"], out, progress=False, log=lambda _msg: None)
-            out_dirs.append(out)
+    for m_key, selection, cfg in sweep_configs(config, m_keys, epochs, selections):
+        out = Path(out_dir or run_dir) / "sweep" / f"mkey{m_key}_{selection}"
+        log(f"sweep: training m_key={m_key} selection={selection} -> {out}")
+        run_training(cfg, meta["cache"], out, progress=False, log=lambda _msg: None)
+        out_dirs.append(out)
     return out_dirs
 
 

@@ -30,6 +30,19 @@ def fold_f1(run_dir: Path, threshold: float) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores, ddof=1)) if len(scores) > 1 else float("nan")
 
 
+def sweep_configs(config: dict, m_keys: list[int], epochs: int | None, selections=("attention", "random")):
+    """(m_key, selection, config) for every point of the sweep: the given config at that m_key and
+    APS selection (and `epochs`, when given). Shared by `drct sweep` and `drct interpret --train-sweep`."""
+    for m_key in m_keys:
+        for selection in selections:
+            cfg = copy.deepcopy(config)
+            cfg["model"]["m_key"] = int(m_key)
+            cfg["model"]["aps_selection"] = selection
+            if epochs:
+                cfg["train"]["epochs"] = int(epochs)
+            yield int(m_key), selection, cfg
+
+
 def run_sweep(config: dict, cache_path: str | Path, out_dir: str | Path, m_keys: list[int], epochs: int | None,
               selections=("attention", "random"), log=print, progress: bool = False) -> list[dict]:
     """Train the config's heads at each m_key x selection into OUT/runs/mkey<N>_<selection>/; returns the points."""
@@ -44,20 +57,14 @@ def run_sweep(config: dict, cache_path: str | Path, out_dir: str | Path, m_keys:
 
     points = []
     bar = tqdm(total=len(m_keys) * len(selections), unit="run", desc="sweep", disable=not progress)
-    for m_key in m_keys:
-        for selection in selections:
-            cfg = copy.deepcopy(config)
-            cfg["model"]["m_key"] = int(m_key)
-            cfg["model"]["aps_selection"] = selection
-            if epochs:
-                cfg["train"]["epochs"] = int(epochs)
-            run_dir = Path(out_dir) / "runs" / f"mkey{m_key}_{selection}"
-            log(f"sweep: m_key={m_key} selection={selection} ({cfg['train']['epochs']} epochs) -> {run_dir}")
-            run_training(cfg, cache_path, run_dir, progress=False, log=lambda _msg: None)
-            mean, std = fold_f1(run_dir, threshold)
-            points.append({"m_key": int(m_key), "selection": selection, "macro_f1": mean, "macro_f1_std": std,
-                           "run": str(run_dir)})
-            bar.update(1)
+    for m_key, selection, cfg in sweep_configs(config, m_keys, epochs, selections):
+        run_dir = Path(out_dir) / "runs" / f"mkey{m_key}_{selection}"
+        log(f"sweep: m_key={m_key} selection={selection} ({cfg['train']['epochs']} epochs) -> {run_dir}")
+        run_training(cfg, cache_path, run_dir, progress=False, log=lambda _msg: None)
+        mean, std = fold_f1(run_dir, threshold)
+        points.append({"m_key": m_key, "selection": selection, "macro_f1": mean, "macro_f1_std": std,
+                       "run": str(run_dir)})
+        bar.update(1)
     bar.close()
     return points
 
