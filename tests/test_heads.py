@@ -55,20 +55,34 @@ def test_feature_attention_is_eq3_without_parameters():
         FeatureAttention(D, "dense")
 
 
-def test_input_standardizer_centres_each_scan_on_its_median():
+def test_input_standardizer_centres_each_scan_on_its_low_quantile():
+    """The scan centre is numpy's per-channel quantile over the scan's slices (0.2 by default;
+    0.5 = the median); a lesion on most slices leaves the 20 % quantile on background."""
     from pipeline.heads.input_norm import FeatureStandardizer
 
     z = torch.rand(B, M, D) * 3 + 1
     norm = FeatureStandardizer(D, "scan")
     norm.set_statistics(torch.zeros(D), torch.full((D,), 2.0))
-    expected = (z - z.median(dim=1, keepdim=True).values) / 2.0
-    torch.testing.assert_close(norm(z), expected)
-    # a per-scan gain on a channel's level cancels in the centre; the context overrides the centre
+    expected = (z.numpy() - np.quantile(z.numpy(), 0.2, axis=1, keepdims=True)) / 2.0
+    np.testing.assert_allclose(norm(z).numpy(), expected, rtol=1e-5, atol=1e-5)
+    median = FeatureStandardizer(D, "scan", quantile=0.5)
+    median.set_statistics(torch.zeros(D), torch.ones(D))
+    np.testing.assert_allclose(median(z).numpy(), z.numpy() - np.median(z.numpy(), axis=1, keepdims=True), atol=1e-5)
+    # the context overrides the centre (the APS: its m_key slices centred on all m)
     context = torch.rand(B, M, D)
-    torch.testing.assert_close(norm(z[:, :2], context), (z[:, :2] - context.median(dim=1, keepdim=True).values) / 2.0)
+    np.testing.assert_allclose(norm(z[:, :2], context).numpy(),
+                               (z[:, :2].numpy() - np.quantile(context.numpy(), 0.2, axis=1, keepdims=True)) / 2.0,
+                               rtol=1e-5, atol=1e-5)
+    # lesion (+5) on 12 of 16 slices: the median is lesion, the 20 % quantile still background
+    flat = torch.zeros(1, 16, D)
+    flat[:, 4:] += 5.0
+    assert float(median(flat)[0, 10].mean()) == pytest.approx(0.0)
+    assert float(norm(flat)[0, 10].mean()) == pytest.approx(2.5)  # (5 - 0) / sd 2
     dataset = FeatureStandardizer(D, "dataset")
     dataset.set_statistics(torch.ones(D), torch.full((D,), 1e-9))  # sd floored at 1e-3
     torch.testing.assert_close(dataset(z), (z - 1) / 1e-3)
+    with pytest.raises(ValueError, match="scan_centre_quantile"):
+        FeatureStandardizer(D, "scan", quantile=1.5)
 
 
 def test_dependencies_bigru_eq4_shapes_and_both_directions():

@@ -9,6 +9,7 @@ layers. The m_key slices keep their z order so the BiGRU sees a (sparser) anatom
 Shapes::
 
     F (B, k=m_key, D=512) --FeatureStandardizer (as the primary's, centred on all m slices)-->
+      --input dropout (as the primary's)-->
       --BatchNorm1d(D)--> --Linear(D, aps_fc) + ReLU--> (B, k, aps_fc)
       --DependenciesLearning--> matrix (B, k, H_a = 2*aps_gru_hidden)
       --readout--> pooled (B, H_a) (mean of the rows: APS has no slice attention) or (B, k*H_a)
@@ -42,13 +43,17 @@ class APSNetwork(nn.Module):
         readout_mode: str = "sum",
         activation: str = "tanh",
         input_norm: str = "none",
+        input_dropout: float = 0.0,
+        scan_centre_quantile: float = 0.2,
     ):
         super().__init__()
         if input_norm not in NORMS:
             raise ValueError(f"unknown model.input_norm '{input_norm}'; choose from {NORMS}")
         self.m_key = m_key
         centre = "scan" if input_norm == "scan" else "dataset"
-        self.standardize = FeatureStandardizer(feature_dim, centre) if input_norm != "none" else None
+        self.standardize = FeatureStandardizer(feature_dim, centre, scan_centre_quantile) \
+            if input_norm != "none" else None
+        self.input_dropout = nn.Dropout(input_dropout)
         self.readout_mode = readout_mode
         self.norm = nn.BatchNorm1d(feature_dim)
         self.fc = nn.Sequential(nn.Linear(feature_dim, fc_dim), nn.ReLU(inplace=True))
@@ -61,6 +66,7 @@ class APSNetwork(nn.Module):
         """`context`: the APS-resolution vectors of all m sampled slices (the scan centre)."""
         if self.standardize is not None:
             features = self.standardize(features, context)
+        features = self.input_dropout(features)
         b, k, d = features.shape
         h = self.norm(features.reshape(b * k, d)).reshape(b, k, d)
         matrix = self.dependencies(self.fc(h))

@@ -15,6 +15,7 @@ from pipeline.heads.fusion import KnowledgeFusion
 from pipeline.heads.primary import PrimaryNetwork
 
 MODELS = ("drct1", "drct2")
+ATTENTION_SCALES = ("dim", "one")
 
 
 def build_model(config: dict, n_classes: int) -> DrCT:
@@ -31,6 +32,13 @@ def build_model(config: dict, n_classes: int) -> DrCT:
     dropout = float(mc["dropout"])
     readout_mode = str(mc.get("readout", "sum"))
     activation = str(mc.get("activation", "tanh"))
+    scale = str(mc.get("feature_attention_scale", "dim"))
+    if scale not in ATTENTION_SCALES:
+        raise ValueError(f"unknown model.feature_attention_scale '{scale}'; choose from {ATTENTION_SCALES}")
+    input_dropout = float(mc.get("input_dropout", 0.0))
+    if not 0.0 <= input_dropout < 1.0:
+        raise ValueError(f"model.input_dropout must be in [0, 1), got {input_dropout}")
+    quantile = float(mc.get("scan_centre_quantile", 0.2))
     primary = PrimaryNetwork(
         n_classes,
         m,
@@ -42,7 +50,9 @@ def build_model(config: dict, n_classes: int) -> DrCT:
         feature_attention=str(mc.get("feature_attention", "learnable")),
         activation=activation,
         input_norm=str(mc.get("input_norm", "scan")),
-        attention_rescale=str(mc.get("feature_attention_scale", "dim")) == "dim",
+        attention_rescale=scale == "dim",
+        input_dropout=input_dropout,
+        scan_centre_quantile=quantile,
     )
     if name == "drct1":
         return DrCT(primary, m_key=min(int(mc["m_key"]), m))
@@ -60,6 +70,8 @@ def build_model(config: dict, n_classes: int) -> DrCT:
         readout_mode=readout_mode,
         activation=activation,
         input_norm=str(mc.get("input_norm", "scan")),
+        input_dropout=input_dropout,
+        scan_centre_quantile=quantile,
     )
     primary_dim = primary.out_dim
     aps_dim = aps.out_dim

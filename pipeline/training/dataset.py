@@ -70,25 +70,39 @@ class CachedFeatures:
         return np.flatnonzero(~np.isnan(self.labels).any(axis=1)) if self.labels.size else np.arange(0)
 
     def channel_statistics(
-        self, scans: np.ndarray, resolution: str = "primary", block: int = 65536
+        self, scans: np.ndarray, resolution: str = "primary", block: int = 65536, centre_quantile: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and sd (D,) of every slice of `scans` at the primary or APS resolution,
-        summed in float64 blocks (an RSNA-size cache never becomes one float32 copy)."""
+        summed in float64 blocks (an RSNA-size cache never becomes one float32 copy).
+
+        With `centre_quantile` the sd is that of each slice minus its scan's per-channel quantile
+        (the values the ``scan`` input norm produces), so a per-scan level does not inflate it."""
         features = self.primary_features if resolution == "primary" else self.aps_features
         scans = np.asarray(scans, np.int64)
-        rows = np.concatenate([np.arange(o, o + n) for o, n in zip(self.offset[scans], self.n_slices[scans])]) \
-            if len(scans) else np.zeros(0, np.int64)
         dim = features.shape[1]
         total = torch.zeros(dim, dtype=torch.float64, device=self.device)
         squares = torch.zeros(dim, dtype=torch.float64, device=self.device)
-        for start in range(0, len(rows), block):
-            chunk = features[torch.from_numpy(rows[start : start + block]).to(self.device)].double()
-            total += chunk.sum(dim=0)
-            squares += (chunk * chunk).sum(dim=0)
-        n = max(len(rows), 1)
+        count = 0
+        for values in self._scan_blocks(features, scans, block, centre_quantile):
+            total += values.sum(dim=0)
+            squares += (values * values).sum(dim=0)
+            count += values.shape[0]
+        n = max(count, 1)
         mean = total / n
         sd = (squares / n - mean * mean).clamp_min(0).sqrt()
         return mean.float().cpu(), sd.float().cpu()
+
+    def _scan_blocks(self, features: torch.Tensor, scans: np.ndarray, block: int, centre_quantile: float | None):
+        """Float64 row blocks of `scans`' slices; each scan minus its own quantile if one is given."""
+        if centre_quantile is None:
+            rows = np.concatenate([np.arange(o, o + n) for o, n in zip(self.offset[scans], self.n_slices[scans])]) \
+                if len(scans) else np.zeros(0, np.int64)
+            for start in range(0, len(rows), block):
+                yield features[torch.from_numpy(rows[start : start + block]).to(self.device)].double()
+            return
+        for scan in scans:
+            values = features[int(self.offset[scan]) : int(self.offset[scan] + self.n_slices[scan])].double()
+            yield values - torch.quantile(values, centre_quantile, dim=0, keepdim=True)
 
     def batch(self, scans: np.ndarray, positions: np.ndarray) -> Batch:
         scans = np.asarray(scans, np.int64)

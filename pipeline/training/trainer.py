@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch import nn
 from tqdm import tqdm
 
 from cache.store import FeatureCache
@@ -140,18 +141,21 @@ def deterministic_mode(enabled: bool) -> Callable[[], None]:
     return restore
 
 
-def set_input_statistics(model: DrCT, data: CachedFeatures, train_scans: np.ndarray) -> None:
-    """The input standardisers' channel sd (and mean) from this fold's training scans only."""
-    if model.primary.standardize is not None:
-        model.primary.standardize.set_statistics(*data.channel_statistics(train_scans, "primary"))
-    if model.aps is not None and model.aps.standardize is not None:
-        model.aps.standardize.set_statistics(*data.channel_statistics(train_scans, "aps"))
+def set_input_statistics(model: nn.Module, data: CachedFeatures, train_scans: np.ndarray) -> None:
+    """The input standardisers' channel sd (and mean) from this fold's training scans only (the
+    sd of the scan-centred values where the norm centres each scan)."""
+    for part, resolution in ((getattr(model, "primary", None), "primary"), (getattr(model, "aps", None), "aps")):
+        norm = getattr(part, "standardize", None)
+        if norm is not None:
+            quantile = norm.quantile if norm.centre == "scan" else None
+            norm.set_statistics(*data.channel_statistics(train_scans, resolution, centre_quantile=quantile))
 
 
 def optimizer_for(model: DrCT, config: dict) -> torch.optim.Optimizer:
     t = config["train"]
     groups = model.parameter_groups(float(t["lr_primary"]), float(t["lr_aps"]), float(t["lr_fusion"]))
-    return torch.optim.Adam(groups, weight_decay=float(t.get("weight_decay") or 0.0))
+    # AdamW: decoupled weight decay (Adam with weight_decay 0 is the paper's optimiser exactly)
+    return torch.optim.AdamW(groups, weight_decay=float(t.get("weight_decay") or 0.0))
 
 
 def train_epoch(
