@@ -202,3 +202,39 @@ def json_safe(value):
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+def macro_auc(labels: np.ndarray, prob: np.ndarray) -> float:
+    """Mean ROC AUC over the classes whose (known) labels hold both values; NaN if none does."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels, np.float64)
+    aucs = []
+    for c in range(labels.shape[1]):
+        known = ~np.isnan(labels[:, c])
+        y = labels[known, c]
+        if y.size and y.min() != y.max():
+            aucs.append(roc_auc_score(y, np.asarray(prob)[known, c]))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def patient_bootstrap_ci(
+    labels: np.ndarray, prob: np.ndarray, patients: Sequence, statistic=macro_auc,
+    resamples: int = 2000, level: float = 0.95, seed: int = 0,
+) -> tuple[float, float, float]:
+    """(estimate, low, high): `statistic(labels, prob)` and its percentile bootstrap interval,
+    resampling patients with replacement (all scans of a drawn patient come along), so scans of
+    one patient, which are not independent, never pass for independent evidence. Seeded."""
+    labels, prob = np.asarray(labels), np.asarray(prob)
+    _, patient_index = np.unique(np.asarray(patients).astype(str), return_inverse=True)
+    members = [np.flatnonzero(patient_index == p) for p in range(patient_index.max() + 1)]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(int(resamples)):
+        rows = np.concatenate([members[p] for p in rng.integers(0, len(members), len(members))])
+        value = statistic(labels[rows], prob[rows])
+        if np.isfinite(value):
+            values.append(value)
+    tail = (1.0 - level) / 2.0
+    low, high = (np.quantile(values, [tail, 1.0 - tail]) if values else (float("nan"), float("nan")))
+    return float(statistic(labels, prob)), float(low), float(high)

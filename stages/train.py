@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from pipeline.heads.names import MODELS
+from pipeline.presets import PRESETS, preset_overrides
 from stages.options import StageError, load_stage_config, parse_settings, progress_option, set_option
 
 __all__ = ["StageError", "train"]
@@ -39,8 +41,13 @@ def settings_from_cache(config: dict, provenance: dict, config_path, settings: d
               help="Feature cache from `drct extract` [default: extract.out of the config].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory to write [default: train.out].")
-@click.option("--model", type=click.Choice(["drct1", "drct2"]), default=None,
-              help="drct1 = primary network only; drct2 = primary + APS + fusion [model.name].")
+@click.option("--model", type=click.Choice(list(MODELS)), default=None,
+              help="drct1 = primary network only; drct2 = primary + APS + fusion; baselines on the same cache, "
+                   "folds and sampler: pooled_logistic (L2 logistic on max+mean pooled vectors), meanpool "
+                   "(MLP on the mean slice vector), abmil (gated attention MIL) [model.name].")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+              help="Named settings over the config file (under --set): drct2_paper = the paper's DrCT2 "
+                   "(eq. 3 on raw values, no input normalisation, plain Adam); see pipeline/presets.py.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs per fold [train.epochs].")
 @click.option("--folds", type=click.IntRange(min=2), default=None,
               help="k of the patient-grouped k-fold cross-validation [train.folds].")
@@ -50,7 +57,7 @@ def settings_from_cache(config: dict, provenance: dict, config_path, settings: d
               help="Also log per-epoch loss, validation macro-F1 and AUC per fold with dvclive into this folder.")
 @set_option
 @progress_option
-def train(config_path, cache_path, out_dir, model, epochs, folds, fold, seed, live_dir, settings, progress):
+def train(config_path, cache_path, out_dir, model, preset, epochs, folds, fold, seed, live_dir, settings, progress):
     """Train DrCT heads with patient-grouped k-fold cross-validation on a feature cache.
 
     The whole cache is loaded into memory once; each batch gathers the sampled slices' 224
@@ -68,14 +75,9 @@ def train(config_path, cache_path, out_dir, model, epochs, folds, fold, seed, li
     (Fig. 6); --set model.aps_resolution=first (APS on 224 vectors, Table 4);
     --set train.loss=bce (Table 2).
     """
-    overrides = {
-        "model.name": model,
-        "train.epochs": epochs,
-        "train.folds": folds,
-        "train.fold": fold,
-        "train.seed": seed,
-    }
-    given = parse_settings(settings)
+    flags = {"model.name": model, "train.epochs": epochs, "train.folds": folds, "train.fold": fold, "train.seed": seed}
+    overrides = {**preset_overrides(preset), **{key: value for key, value in flags.items() if value is not None}}
+    given = {**preset_overrides(preset), **parse_settings(settings)}
     config = load_stage_config(config_path, overrides, settings)
     cache_path = cache_path or config["extract"]["out"]
     out_dir = out_dir or config["train"]["out"]

@@ -216,7 +216,11 @@ def adapt_encoder(
     scan_ids = sorted({slice_scans[i] for i in kept})
     dataset = config.get("dataset") or {}
     if not dataset.get("keep_ids", False):  # as stage one stores them: keyed pseudonyms, so no PatientID
-        from pipeline.pseudonym import key_path, load_or_create_key, pseudonym  # leaks and overlaps still match
+        from pipeline.pseudonym import (  # leaks and overlaps still match
+            key_path,
+            load_or_create_key,
+            pseudonym,
+        )
 
         key = load_or_create_key(key_path(index.root, dataset.get("pseudonym_key")))
         scan_ids = sorted(pseudonym(key, "scan", scan_id) for scan_id in scan_ids)

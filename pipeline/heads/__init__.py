@@ -1,4 +1,3 @@
-"""Stage-two heads: the DrCT1 primary network, the APS network and knowledge fusion (paper V)."""
-
-from pipeline.heads.build import build_model, predict  # noqa: F401
-from pipeline.heads.drct2 import DrCT  # noqa: F401
+"""Stage-two heads: the DrCT1 primary network, the APS network, knowledge fusion (paper V) and the
+baselines every DrCT figure is compared with. Import the modules themselves (`pipeline.heads.build`):
+this package imports nothing, so `pipeline.heads.names` stays light for the CLI."""

@@ -144,6 +144,13 @@ class DrCT(nn.Module):
         )
         return out
 
+    def standardizers(self) -> list:
+        """(norm, resolution) pairs whose statistics the trainer sets from the training fold."""
+        pairs = [(self.primary.standardize, "primary")]
+        if self.aps is not None:
+            pairs.append((self.aps.standardize, "aps"))
+        return [(norm, res) for norm, res in pairs if norm is not None]
+
     def parameter_groups(self, lr_primary: float, lr_aps: float, lr_fusion: float) -> list[dict]:
         """Adam parameter groups with the paper's per-module learning rates (VI.A.1)."""
         groups = [{"params": list(self.primary.parameters()), "lr": lr_primary, "name": "primary"}]

@@ -77,8 +77,12 @@ def write_model_card(out_dir: str | Path, config: dict, info: dict, histories: d
         (f"- {info['model']} heads (DrCT2 paper: feature attention, BiGRU, slice attention"
         f"{', APS zoom-in on m_key slices and knowledge fusion' if info['model'] == 'drct2' else ''}) on cached VGG16 vectors"),
         (f"- m = {info['m']} sampled slices, m_key = {m['m_key']} ({m.get('aps_selection', 'attention')} selection), "
-        f"loss {t['loss']}, Adam lr {t['lr_primary']}/{t['lr_aps']}/{t['lr_fusion']}, {t['epochs']} epochs, batch {t['batch_size']}"),
+        f"loss {t['loss']}, {'AdamW' if float(t.get('weight_decay') or 0) else 'Adam'} lr {t['lr_primary']}/{t['lr_aps']}/{t['lr_fusion']}, {t['epochs']} epochs, batch {t['batch_size']}"),
         f"- prediction for new scans: `drct predict DICOM_DIR --run {out}` = mean probability of the {len(histories)} fold models",
+        "",
+        "## How this model departs from the paper",
+        *([f"- {d['item']}: paper {d['paper']}; here {d['here']}" for d in info.get("departures_from_paper", [])]
+          or ["- none: the paper's settings (the `drct2_paper` preset)"]),
         "",
         "## Data",
         f"- feature cache: `{info['cache']}` ({info['n_scans']} labelled scans)",

@@ -28,9 +28,11 @@ from torch import nn
 from tqdm import tqdm
 
 from cache.store import FeatureCache
+from pipeline.departures import departures
 from pipeline.features.provenance import config_provenance, provenance_differences
-from pipeline.heads.build import build_model, predict
+from pipeline.heads.build import build_model, is_baseline, predict
 from pipeline.heads.drct2 import DrCT
+from pipeline.heads.pooled_logistic import PooledLogistic, pooled_vectors
 from pipeline.metrics import classification_metrics
 from pipeline.training.checkpoint import save_checkpoint
 from pipeline.training.dataset import CachedFeatures
@@ -57,16 +59,28 @@ def check_provenance(cache: FeatureCache, config: dict) -> None:
 
 def effective_count(weights: np.ndarray) -> float:
     """Mean over rows of exp(entropy) of weights that sum to 1 on the last axis: how many entries an
-    attention really uses (m for a uniform slice attention, 1 for one slice)."""
+    attention really uses (m for a uniform slice attention, 1 for one slice). Never above the
+    row length: exp of a float64 entropy of a uniform row can round past it."""
     w = np.clip(np.asarray(weights, np.float64), 1e-12, None)
-    return float(np.exp(-(w * np.log(w)).sum(axis=-1)).mean()) if w.size else float("nan")
+    if not w.size:
+        return float("nan")
+    return float(np.minimum(np.exp(-(w * np.log(w)).sum(axis=-1)), w.shape[-1]).mean())
 
 
 def attention_spread(preds: dict) -> dict[str, float]:
     """Validation attention spread, logged per epoch: a feature attention collapsing onto a few
-    of the 512 channels, or a slice attention staying uniform, shows here before the metrics."""
-    return {"val_feature_attention_channels": effective_count(preds["feature_attention"]),
+    of the 512 channels, or a slice attention staying uniform, shows here before the metrics.
+    The feature attention arrives summarised per slice (`predict(..., feature_attention="count")`):
+    its full (scans, m, 512) array never leaves the device during training."""
+    channels = preds["feature_attention_channels"] if "feature_attention_channels" in preds \
+        else _counts(preds["feature_attention"])
+    return {"val_feature_attention_channels": float(np.mean(channels)) if np.size(channels) else float("nan"),
             "val_slice_attention_slices": effective_count(preds["slice_attention"])}
+
+
+def _counts(weights: np.ndarray) -> np.ndarray:
+    w = np.clip(np.asarray(weights, np.float64), 1e-12, None)
+    return np.minimum(np.exp(-(w * np.log(w)).sum(axis=-1)), w.shape[-1])
 
 
 def check_adaptation_overlap(cache: FeatureCache) -> None:
@@ -106,7 +120,10 @@ def resolutions(config: dict, cache: FeatureCache) -> dict[str, int]:
     if which not in ("last", "first"):
         raise TrainingError(f"model.aps_resolution must be 'last' or 'first', not '{which}'")
     res = cache.resolutions
-    return {"primary": int(res[0]), "aps": int(res[-1] if which == "last" else res[0])}
+    aps = int(res[-1] if which == "last" else res[0])
+    if is_baseline(config):  # baselines read one view, the APS one (pipeline/heads/baseline_base.py)
+        return {"primary": aps, "aps": aps}
+    return {"primary": int(res[0]), "aps": aps}
 
 
 def deterministic_mode(enabled: bool) -> Callable[[], None]:
@@ -144,11 +161,9 @@ def deterministic_mode(enabled: bool) -> Callable[[], None]:
 def set_input_statistics(model: nn.Module, data: CachedFeatures, train_scans: np.ndarray) -> None:
     """The input standardisers' channel sd (and mean) from this fold's training scans only (the
     sd of the scan-centred values where the norm centres each scan)."""
-    for part, resolution in ((getattr(model, "primary", None), "primary"), (getattr(model, "aps", None), "aps")):
-        norm = getattr(part, "standardize", None)
-        if norm is not None:
-            quantile = norm.quantile if norm.centre == "scan" else None
-            norm.set_statistics(*data.channel_statistics(train_scans, resolution, centre_quantile=quantile))
+    for norm, resolution in model.standardizers():
+        quantile = norm.quantile if norm.centre == "scan" else None
+        norm.set_statistics(*data.channel_statistics(train_scans, resolution, centre_quantile=quantile))
 
 
 def optimizer_for(model: DrCT, config: dict) -> torch.optim.Optimizer:
@@ -216,8 +231,11 @@ def train_epoch(
     return result
 
 
-def predict_scans(model: DrCT, data: CachedFeatures, scans: np.ndarray, m: int, batch_size: int, seed: int = 0) -> dict:
-    """Deterministic evaluation of `scans`: the evaluation sample, then model outputs, as numpy."""
+def predict_scans(model: DrCT, data: CachedFeatures, scans: np.ndarray, m: int, batch_size: int, seed: int = 0,
+                  feature_attention: str = "full") -> dict:
+    """Deterministic evaluation of `scans`: the evaluation sample, then model outputs, as numpy.
+    feature_attention="count" returns its per-slice effective channel count instead of the
+    (B, m, 512) weights (the per-epoch validation; see build.predict)."""
     collected: dict[str, list] = {}
     model.generator = torch.Generator().manual_seed(seed) if model.selection == "random" else None
     try:
@@ -225,13 +243,65 @@ def predict_scans(model: DrCT, data: CachedFeatures, scans: np.ndarray, m: int, 
             chunk = np.asarray(scans[first : first + batch_size])
             positions = eval_positions(data.n_slices[chunk], m)
             batch = data.batch(chunk, positions)
-            out = predict(model, batch.primary, data.aps_getter(batch.rows))
+            out = predict(model, batch.primary, data.aps_getter(batch.rows), feature_attention)
             out["sample_idx"] = positions
             for key, value in out.items():
                 collected.setdefault(key, []).append(value)
     finally:
         model.generator = None
     return {key: np.concatenate(values) for key, values in collected.items()}
+
+
+def train_fold(model, data: CachedFeatures, train_scans: np.ndarray, val_scans: np.ndarray, config: dict,
+               loss_fn: DrCTLoss, rng: np.random.Generator, names: list[str], threshold: float, progress: bool,
+               fold: int, on_epoch: Callable[[int, int, dict], None] | None) -> list[dict]:
+    """train.epochs epochs of SGD on one fold; returns the per-epoch history (losses, validation
+    macro-F1/AUC, attention spread). The model after the last epoch is the fold's model."""
+    t = config["train"]
+    m = int(config["sampler"]["m"])
+    epochs = int(t["epochs"])
+    seed = int(t["seed"])
+    eval_batch = int(t.get("eval_batch_size") or 512)
+    augment = bool(config["sampler"].get("augment", True))
+    train_phases = str(config["sampler"].get("train_phases", "all"))
+    optimizer = optimizer_for(model, config)
+    history = []
+    for epoch in range(1, epochs + 1):
+        bar = tqdm(total=len(train_scans), desc=f"fold {fold} epoch {epoch}/{epochs}", unit="scan", leave=False,
+                   disable=not progress)
+        stats = train_epoch(model, data, train_scans, m, int(t["batch_size"]), optimizer, loss_fn, rng, augment,
+                            bar, train_phases)
+        preds = predict_scans(model, data, val_scans, m, eval_batch, seed, feature_attention="count")
+        val = classification_metrics(data.labels[val_scans], preds["prob"], names, threshold)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", val_macro_f1=f"{val['macro_f1']:.4f}")
+        bar.close()
+        history.append({"epoch": epoch, **stats, "val_macro_f1": val["macro_f1"], "val_macro_auc": val["macro_auc"],
+                        **attention_spread(preds)})
+        if on_epoch is not None:
+            on_epoch(fold, epoch, history[-1])
+    return history
+
+
+def fit_pooled_logistic(model: PooledLogistic, data: CachedFeatures, train_scans: np.ndarray, val_scans: np.ndarray,
+                        m: int, batch_size: int, seed: int, names: list[str], threshold: float) -> dict:
+    """The `pooled_logistic` baseline: closed-form fit on the training scans' evaluation samples
+    (max+mean pooled), C by inner patient-grouped CV; one history record."""
+    start = time.perf_counter()
+    pooled = []
+    for first in range(0, len(train_scans), batch_size):
+        chunk = train_scans[first : first + batch_size]
+        batch = data.batch(chunk, eval_positions(data.n_slices[chunk], m))
+        pooled.append(pooled_vectors(batch.primary).cpu().numpy())
+    model.fit(np.concatenate(pooled), data.labels[train_scans], data.patient_id[train_scans].astype(str), seed)
+    fit_preds = predict_scans(model, data, train_scans, m, batch_size, seed, feature_attention="count")
+    eps = 1e-6
+    p, y = np.clip(fit_preds["prob"], eps, 1 - eps), data.labels[train_scans]
+    loss = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+    preds = predict_scans(model, data, val_scans, m, batch_size, seed, feature_attention="count")
+    val = classification_metrics(data.labels[val_scans], preds["prob"], names, threshold)
+    return {"epoch": 1, "loss": loss, "samples": len(train_scans), "seconds": time.perf_counter() - start,
+            "chosen_c": model.chosen_c, "val_macro_f1": val["macro_f1"], "val_macro_auc": val["macro_auc"],
+            **attention_spread(preds)}
 
 
 def write_oof(path: Path, data: CachedFeatures, scans: np.ndarray, fold: np.ndarray, preds: dict) -> Path:
@@ -317,68 +387,54 @@ def run_training(
         "n_scans": len(labelled),
         "folds_file": str(folds_file) if folds_file else None,
         "deterministic": bool(t.get("deterministic", True)),
+        "departures_from_paper": departures(config),
     }
-    loss_fn = DrCTLoss(str(t["loss"]))
-    batch_size = int(t["batch_size"])
+    loss_fn = DrCTLoss("bce" if is_baseline(config) else str(t["loss"]))  # baselines: BCE, their usual loss
     eval_batch = int(t.get("eval_batch_size") or 512)
-    epochs = int(t["epochs"])
-    if epochs < 1:
-        raise TrainingError(f"train.epochs must be at least 1, got {epochs}")
-    augment = bool(config["sampler"].get("augment", True))
+    if int(t["epochs"]) < 1:
+        raise TrainingError(f"train.epochs must be at least 1, got {t['epochs']}")
     threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))  # for val_macro_f1 only
     train_phases = str(config["sampler"].get("train_phases", "all"))
     if train_phases not in TRAIN_PHASES:
         raise TrainingError(f"sampler.train_phases must be one of {', '.join(TRAIN_PHASES)}, not '{train_phases}'")
     run_info["train_phases"] = train_phases
-    restore_determinism = deterministic_mode(run_info["deterministic"])  # restored after the folds
-    all_scans, all_folds, all_preds = [], [], []
-    histories: dict[int, list[dict]] = {}
-    for fold in folds_run:
-        torch.manual_seed(seed * 1000 + fold)
-        rng = np.random.default_rng([seed, fold])
-        train_scans = labelled[fold_of != fold]
-        val_scans = labelled[fold_of == fold]
-        model = build_model(config, len(names))
-        set_input_statistics(model, data, train_scans)
-        model = model.to(device)
-        optimizer = optimizer_for(model, config)
-        history = []
-        val_f1 = float("nan")
-        for epoch in range(1, epochs + 1):
-            bar = tqdm(
-                total=len(train_scans),
-                desc=f"fold {fold} epoch {epoch}/{epochs}",
-                unit="scan",
-                leave=False,
-                disable=not progress,
-            )
-            stats = train_epoch(model, data, train_scans, m, batch_size, optimizer, loss_fn, rng, augment, bar,
-                                train_phases)
+    restore_determinism = deterministic_mode(run_info["deterministic"])
+    try:
+        all_scans, all_folds, all_preds = [], [], []
+        histories: dict[int, list[dict]] = {}
+        for fold in folds_run:
+            torch.manual_seed(seed * 1000 + fold)
+            rng = np.random.default_rng([seed, fold])
+            train_scans = labelled[fold_of != fold]
+            val_scans = labelled[fold_of == fold]
+            model = build_model(config, len(names))
+            set_input_statistics(model, data, train_scans)
+            model = model.to(device)
+            if isinstance(model, PooledLogistic):
+                history = [fit_pooled_logistic(model, data, train_scans, val_scans, m, eval_batch, seed, names,
+                                               threshold)]
+            else:
+                history = train_fold(model, data, train_scans, val_scans, config, loss_fn, rng, names, threshold,
+                                     progress, fold, on_epoch)
             preds = predict_scans(model, data, val_scans, m, eval_batch, seed)
-            val = classification_metrics(data.labels[val_scans], preds["prob"], names, threshold)
-            val_f1 = val["macro_f1"]
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", val_macro_f1=f"{val_f1:.4f}")
-            bar.close()
-            history.append({"epoch": epoch, **stats, "val_macro_f1": val_f1, "val_macro_auc": val["macro_auc"],
-                            **attention_spread(preds)})
-            if on_epoch is not None:
-                on_epoch(fold, epoch, history[-1])
-        fold_dir = out / f"fold_{fold}"
-        save_checkpoint(fold_dir / "checkpoint.pt", model, config, cache.provenance, names, fold)
-        (fold_dir / "history.json").write_text(json.dumps(history, indent=1))
-        histories[fold] = history
-        log(f"fold {fold}: {len(train_scans)} train / {len(val_scans)} validation scans, "
-            f"loss {history[-1]['loss']:.4f}, validation macro-F1 {val_f1:.4f}")
-        all_scans.append(val_scans)
-        all_folds.append(np.full(len(val_scans), fold))
-        all_preds.append(preds)
-    scans = np.concatenate(all_scans)
-    order = np.argsort(scans, kind="stable")
-    merged = {key: np.concatenate([p[key] for p in all_preds])[order] for key in all_preds[0]}
-    write_oof(out / "oof.npz", data, scans[order], np.concatenate(all_folds)[order], merged)
-    restore_determinism()
+            val_f1 = history[-1]["val_macro_f1"]
+            fold_dir = out / f"fold_{fold}"
+            save_checkpoint(fold_dir / "checkpoint.pt", model, config, cache.provenance, names, fold)
+            (fold_dir / "history.json").write_text(json.dumps(history, indent=1))
+            histories[fold] = history
+            log(f"fold {fold}: {len(train_scans)} train / {len(val_scans)} validation scans, "
+                f"loss {history[-1]['loss']:.4f}, validation macro-F1 {val_f1:.4f}")
+            all_scans.append(val_scans)
+            all_folds.append(np.full(len(val_scans), fold))
+            all_preds.append(preds)
+        scans = np.concatenate(all_scans)
+        order = np.argsort(scans, kind="stable")
+        merged = {key: np.concatenate([p[key] for p in all_preds])[order] for key in all_preds[0]}
+        write_oof(out / "oof.npz", data, scans[order], np.concatenate(all_folds)[order], merged)
+    finally:
+        restore_determinism()
+        cache.close()
     (out / "run.json").write_text(json.dumps(run_info, indent=1))
     write_model_card(out, config, run_info, histories, data.labels[scans[order]].astype(np.float64),
                      merged["prob"].astype(np.float64), np.concatenate(all_folds)[order])
-    cache.close()
     return run_info
