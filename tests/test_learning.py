@@ -93,7 +93,10 @@ def test_attention_spread_is_logged_per_epoch(trained):
     m = SMALL["sampler.m"]
     assert all(1 <= h["val_slice_attention_slices"] <= m and 1 <= h["val_feature_attention_channels"] <= 512
                for h in history)
-    assert history[-1]["val_slice_attention_slices"] < 0.75 * m  # it learned to concentrate on lesion slices
+    # it learned to concentrate on lesion slices. Measured (seed 0, AVX2, fp32): 15.9 of 16 at epoch 1,
+    # 12.3 at epoch 25 (the old epoch count: a machine with AMX failed this bound there), 9.2 at
+    # epoch 40; a uniform slice attention stays at 16.
+    assert history[-1]["val_slice_attention_slices"] < 0.75 * m
 
 
 def test_feature_attention_weights_the_planted_channels(trained):
