@@ -40,12 +40,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cache.store import FeatureCache  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.interpret import algorithm1, key_slice_mask, sampled_slice_labels  # noqa: E402
-from pipeline.metrics import classification_metrics, macro_auc, patient_bootstrap_ci  # noqa: E402
-from pipeline.presets import preset_overrides  # noqa: E402
-from pipeline.training.trainer import run_training  # noqa: E402
+from cache.store import FeatureCache
+from pipeline.config import load_config
+from pipeline.interpret import algorithm1, key_slice_mask, sampled_slice_labels
+from pipeline.metrics import classification_metrics, macro_auc, patient_bootstrap_ci
+from pipeline.presets import preset_overrides
+from pipeline.training.trainer import run_training
 
 FAMILY = ROOT.parent / "shared" / "benchmarks" / "planted_family.py"
 MEMBERS = ("weak", "distributed", "majority", "heterogeneous", "tiny", "heavy", "null")
@@ -128,7 +128,7 @@ def pooled_row(out: Path, scans: int, member: str, model: str, folds: list[int],
     seconds = sum(json.loads((c / "cell.json").read_text())["seconds"] for c in done)
     return {"macro_auc": auc, "ci": [low, high], "macro_f1": metrics["macro_f1"],
             "comprehensive": comprehensive["accuracy"], "comprehensive_chance": chance,
-            "seconds": seconds, "folds": [int(c.name.split("_")[1]) for c in done], "n_scans": int(len(labels))}
+            "seconds": seconds, "folds": [int(c.name.split("_")[1]) for c in done], "n_scans": len(labels)}
 
 
 def targets(rows: dict) -> list[dict]:
@@ -157,8 +157,9 @@ def targets(rows: dict) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"CPU: {result['cpu']}; {result['scans']} scans per member, folds {result['folds']}, "
-             f"{result['epochs']} epochs, m = {result['m']}, m_key = {result['m_key']}.", "",
+    header = (f"CPU: {result['cpu']}; {result['scans']} scans per member, folds {result['folds']}, "
+              f"{result['epochs']} epochs, m = {result['m']}, m_key = {result['m_key']}.")
+    lines = [header, "",
              "| member | model | macro-AUC [95 % CI] | macro-F1 | comprehensive (chance) | train s | folds |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for member, by_model in result["rows"].items():

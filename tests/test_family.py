@@ -12,6 +12,7 @@ Skipped, with the reason, where the shared folder is not beside the checkout.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,8 @@ from pipeline.metrics import macro_auc
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.trainer import run_training
 
-FAMILY = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "planted_family.py"
+FAMILY = Path(os.environ.get("DRCT_PLANTED_FAMILY")
+              or Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "planted_family.py")
 pytestmark = pytest.mark.skipif(not FAMILY.exists(), reason=f"planted family not found at {FAMILY}")
 
 SCANS = 400
@@ -104,13 +106,13 @@ def test_validation_scans_never_enter_the_normalisation_statistics(family, tmp_p
     config_path = tmp_path / "base.h5"
     shutil.copy(source, config_path)
     run = _train(config_path, tmp_path / "base", **{"train.epochs": 1})
-    val_rows = np.concatenate([np.arange(o, o + n) for o, n in
-                               zip(*(lambda t: (t.offset[run["cache_index"]], t.n_slices[run["cache_index"]]))(
-                                   FeatureCache(config_path).table))])
+    with FeatureCache(config_path) as cache:
+        offsets, counts = cache.table.offset[run["cache_index"]], cache.table.n_slices[run["cache_index"]]
+    val_rows = np.concatenate([np.arange(o, o + n) for o, n in zip(offsets, counts)])
 
     def buffers(out):
         state = load_checkpoint(out / "fold_0" / "checkpoint.pt")["state_dict"]
-        return {k: v for k, v in state.items() if k.endswith("standardize.sd") or k.endswith("standardize.mean")}
+        return {k: v for k, v in state.items() if k.endswith(("standardize.sd", "standardize.mean"))}
 
     def scaled(rows, name):
         path = tmp_path / f"{name}.h5"

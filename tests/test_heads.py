@@ -218,3 +218,26 @@ def test_build_rejects_bad_sizes():
         build_model(small_config(**{"model.name": "drct3"}), C)
     with pytest.raises(ValueError, match="unknown fusion"):
         build_model(small_config(**{"model.fusion": "concat"}), C)
+
+
+def test_aps_processes_only_its_m_key_selected_slices():
+    """The zoom: the APS BiGRU sees exactly the m_key highest-attention slices' APS vectors, in z
+    order (their input norm reads all m only for the scan centre, a per-channel quantile)."""
+    config = load_config(None, {"sampler.m": 10, "model.m_key": 3, "model.input_dropout": 0.0})
+    model = build_model(config, 2).eval()
+    seen = {}
+
+    def keep_input(module, inputs, output):
+        seen["fc_in"] = inputs[0]
+
+    model.aps.fc.register_forward_hook(keep_input)
+    z, aps_source = torch.rand(2, 10, 512), torch.rand(2, 10, 512)
+    with torch.no_grad():
+        out = model(z, aps_source)
+    assert seen["fc_in"].shape == (2, 3, 512)
+    expected = torch.sort(torch.topk(out["slice_attention"], 3, dim=1).indices, dim=1).values
+    torch.testing.assert_close(out["aps_idx"], expected)
+    norm = model.aps.standardize
+    chosen = torch.gather(aps_source, 1, expected.unsqueeze(-1).expand(-1, -1, 512))
+    reference = model.aps.norm((norm(chosen, aps_source)).reshape(6, 512)).reshape(2, 3, 512)
+    torch.testing.assert_close(seen["fc_in"], reference)
