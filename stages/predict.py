@@ -96,6 +96,17 @@ def remove_stale_lock(cache_path: Path) -> None:
         os.close(fd)
 
 
+def ensemble_aps_idx(slice_attention: np.ndarray, per_fold: np.ndarray) -> np.ndarray:
+    """The zoomed-in slices of a fold ensemble, (B, m_key): the m_key highest positions of the mean
+    slice attention (the attention the report shows), in z order; -1 where no member has an APS
+    (DrCT1, baselines). Each fold's own choice stays in predictions.npz as aps_idx_per_fold."""
+    if (per_fold < 0).all():
+        return per_fold[0]
+    k = per_fold.shape[-1]
+    top = np.argsort(-slice_attention, axis=1, kind="stable")[:, :k]
+    return np.sort(top, axis=1).astype(np.int64)
+
+
 def _study_uid(path: Path) -> str:
     import pydicom
 
@@ -181,6 +192,8 @@ def predict_folder(
     preds = dict(outputs[0])
     for key in ("prob", "slice_attention", "feature_attention"):
         preds[key] = np.mean([np.asarray(o[key], np.float64) for o in outputs], axis=0)
+    preds["aps_idx_per_fold"] = np.stack([np.asarray(o["aps_idx"], np.int64) for o in outputs])
+    preds["aps_idx"] = ensemble_aps_idx(preds["slice_attention"], preds["aps_idx_per_fold"])
     if threshold is None:
         threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
     table = cache.table
@@ -211,6 +224,7 @@ def predict_folder(
         slice_attention=preds["slice_attention"].astype(np.float32),
         feature_attention=preds["feature_attention"].astype(np.float16),
         aps_idx=preds["aps_idx"].astype(np.int64),
+        aps_idx_per_fold=preds["aps_idx_per_fold"],
     )
     (out_dir / "predictions.json").write_text(json.dumps(
         {"checkpoints": [str(c) for c in checkpoints], "ensemble": "mean of the fold probabilities" if len(checkpoints) > 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -129,3 +130,15 @@ def test_predict_rejects_non_checkpoint(dicom_dir, tmp_path):
     bad.write_text("not a checkpoint")
     result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--checkpoint", str(bad), "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "not a readable DrCT checkpoint" in result.output
+
+
+def test_ensemble_zooms_on_the_top_slices_of_the_mean_attention():
+    """predict --run averages the folds' slice attention: the ensemble's aps_idx are the m_key
+    highest positions of that mean (in z order), not fold 0's choice."""
+    from stages.predict import ensemble_aps_idx
+
+    attention = np.array([[0.1, 0.5, 0.05, 0.3, 0.05]])
+    per_fold = np.array([[[0, 2]], [[1, 3]]])  # fold 0 chose 0 and 2
+    np.testing.assert_array_equal(ensemble_aps_idx(attention, per_fold), [[1, 3]])
+    drct1 = np.full((2, 1, 2), -1)
+    np.testing.assert_array_equal(ensemble_aps_idx(attention, drct1), [[-1, -1]])
