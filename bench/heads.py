@@ -54,6 +54,7 @@ MODELS = BASELINE_MODELS + ("drct1", "drct2", "drct2_paper")
 MODEL_SETTINGS = {name: {"model.name": name} for name in MODELS if name != "drct2_paper"}
 MODEL_SETTINGS["drct2_paper"] = preset_overrides("drct2_paper")
 KEY_SLICE_MEMBERS = ("weak", "heterogeneous", "tiny")
+ATTENTION_MODELS = ("abmil", "drct1", "drct2", "drct2_paper")  # the others have no slice attention
 
 
 def cpu_flags() -> str:
@@ -122,7 +123,7 @@ def pooled_row(out: Path, scans: int, member: str, model: str, folds: list[int],
                                        np.concatenate([o["sample_idx"] for o in oofs]))
     attention = np.concatenate([o["slice_attention"] for o in oofs])
     key = key_slice_mask(sampled)
-    comprehensive = algorithm1(attention, key)["comprehensive"]
+    comprehensive = algorithm1(attention, key)["comprehensive"] if model in ATTENTION_MODELS else {"accuracy": None}
     chance = float(key[key.any(axis=1)].mean()) if key.any() else float("nan")
     metrics = classification_metrics(labels, prob, names)
     seconds = sum(json.loads((c / "cell.json").read_text())["seconds"] for c in done)

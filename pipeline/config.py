@@ -125,12 +125,20 @@ class SamplerSchema(_Section):
 
 
 class ModelSchema(_Section):
-    # Names of heads and options are checked by pipeline/heads/build.py (which knows every variant).
+    # The one typed list of model settings (values and defaults: configs/defaults.yaml; the head
+    # constructors' own defaults agree with it, tests/test_heads.py). Head names are checked by
+    # pipeline/heads/build.py (which knows every variant).
     name: Annotated[str, Field(min_length=1)]
     feature_dim: PositiveInt
     gru_hidden: PositiveInt
     fc_hidden: list[PositiveInt]
     dropout: Annotated[float, Field(ge=0, lt=1)]
+    input_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.3
+    scan_centre_quantile: Annotated[float, Field(ge=0, le=1)] = 0.2
+    feature_attention: Literal["learnable", "softmax", "none"] = "learnable"
+    feature_attention_scale: Literal["dim", "one"] = "dim"
+    input_norm: Literal["scan", "standardize", "none"] = "scan"
+    baseline_hidden: PositiveInt = 128
     m_key: PositiveInt
     aps_selection: Annotated[str, Field(min_length=1)]
     aps_resolution: Annotated[str, Field(min_length=1)]
@@ -140,6 +148,7 @@ class ModelSchema(_Section):
 
 
 class TrainSchema(_Section):
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.01
     lr_primary: Rate
     lr_aps: Rate
     lr_fusion: Rate

@@ -204,17 +204,27 @@ def json_safe(value):
     return value
 
 
+def binary_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic on average ranks (ties count one half): the value of
+    scikit-learn's roc_auc_score, without its per-call validation (the bootstrap calls it 10^4 times)."""
+    y = np.asarray(y) > 0.5
+    positives, negatives = int(y.sum()), int((~y).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = stats.rankdata(score)
+    return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
 def macro_auc(labels: np.ndarray, prob: np.ndarray) -> float:
     """Mean ROC AUC over the classes whose (known) labels hold both values; NaN if none does."""
-    from sklearn.metrics import roc_auc_score
-
     labels = np.asarray(labels, np.float64)
+    prob = np.asarray(prob)
     aucs = []
     for c in range(labels.shape[1]):
         known = ~np.isnan(labels[:, c])
-        y = labels[known, c]
-        if y.size and y.min() != y.max():
-            aucs.append(roc_auc_score(y, np.asarray(prob)[known, c]))
+        value = binary_auc(labels[known, c], prob[known, c])
+        if np.isfinite(value):
+            aucs.append(value)
     return float(np.mean(aucs)) if aucs else float("nan")
 
 

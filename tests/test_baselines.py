@@ -106,3 +106,16 @@ def test_patient_bootstrap_resamples_patients_not_scans():
         values.append(macro_auc(labels[rows], prob[rows]))
     assert (low, high) == pytest.approx(tuple(np.quantile(values, [0.025, 0.975])))
     assert low < estimate < high
+
+
+def test_macro_auc_equals_sklearn_with_ties_and_unknown_labels():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, (50, 3)).astype(float)
+    labels[3, 1] = np.nan
+    labels[:, 2] = 0.0  # one value only: left out
+    prob = np.round(rng.random((50, 3)), 1)  # many ties
+    known = ~np.isnan(labels[:, 1])
+    expected = np.mean([roc_auc_score(labels[:, 0], prob[:, 0]), roc_auc_score(labels[known, 1], prob[known, 1])])
+    assert macro_auc(labels, prob) == pytest.approx(expected, abs=1e-12)

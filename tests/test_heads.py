@@ -241,3 +241,30 @@ def test_aps_processes_only_its_m_key_selected_slices():
     chosen = torch.gather(aps_source, 1, expected.unsqueeze(-1).expand(-1, -1, 512))
     reference = model.aps.norm((norm(chosen, aps_source)).reshape(6, 512)).reshape(2, 3, 512)
     torch.testing.assert_close(seen["fc_in"], reference)
+
+
+def test_constructor_defaults_agree_with_the_config_defaults():
+    """One source of model defaults: configs/defaults.yaml (typed by pipeline.config.ModelSchema);
+    a head built without arguments is the head the default config builds."""
+    import inspect
+
+    from pipeline.config import ModelSchema
+
+    mc = load_config(None)["model"]
+    expected = {"feature_dim": mc["feature_dim"], "gru_hidden": mc["gru_hidden"], "dropout": mc["dropout"],
+                "readout_mode": mc["readout"], "feature_attention": mc["feature_attention"],
+                "activation": mc["activation"], "input_norm": mc["input_norm"],
+                "input_dropout": mc["input_dropout"], "scan_centre_quantile": mc["scan_centre_quantile"],
+                "fc_hidden": tuple(mc["fc_hidden"])}
+    for cls in (PrimaryNetwork, APSNetwork):
+        params = inspect.signature(cls.__init__).parameters
+        for name, value in expected.items():
+            if name in params and not (cls is APSNetwork and name in ("gru_hidden", "feature_attention")):
+                default = params[name].default
+                assert (tuple(default) if name == "fc_hidden" else default) == value, (cls.__name__, name)
+    assert inspect.signature(APSNetwork.__init__).parameters["gru_hidden"].default == mc["aps_gru_hidden"]
+    assert inspect.signature(APSNetwork.__init__).parameters["fc_dim"].default == mc["aps_fc"]
+    fields = ModelSchema.model_fields
+    for name in ("input_dropout", "scan_centre_quantile", "feature_attention", "feature_attention_scale",
+                 "input_norm"):
+        assert fields[name].default == mc[name], name

@@ -42,8 +42,8 @@ class APSNetwork(nn.Module):
         dropout: float = 0.5,
         readout_mode: str = "sum",
         activation: str = "tanh",
-        input_norm: str = "none",
-        input_dropout: float = 0.0,
+        input_norm: str = "scan",
+        input_dropout: float = 0.3,
         scan_centre_quantile: float = 0.2,
     ):
         super().__init__()

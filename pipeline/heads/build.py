@@ -45,7 +45,7 @@ def build_model(config: dict, n_classes: int) -> DrCT | BaselineHead:
     scale = str(mc.get("feature_attention_scale", "dim"))
     if scale not in ATTENTION_SCALES:
         raise ValueError(f"unknown model.feature_attention_scale '{scale}'; choose from {ATTENTION_SCALES}")
-    input_dropout = float(mc.get("input_dropout", 0.0))
+    input_dropout = float(mc.get("input_dropout", 0.3))
     if not 0.0 <= input_dropout < 1.0:
         raise ValueError(f"model.input_dropout must be in [0, 1), got {input_dropout}")
     quantile = float(mc.get("scan_centre_quantile", 0.2))
@@ -105,7 +105,7 @@ def build_baseline(name: str, mc: dict, n_classes: int, m: int) -> BaselineHead:
     if name == "pooled_logistic":
         return PooledLogistic(n_classes, m_key, dim)
     common = {"feature_dim": dim, "hidden": int(mc.get("baseline_hidden", 128)), "dropout": float(mc["dropout"]),
-                  "input_dropout": float(mc.get("input_dropout", 0.0)), "input_norm": str(mc.get("input_norm", "scan")),
+                  "input_dropout": float(mc.get("input_dropout", 0.3)), "input_norm": str(mc.get("input_norm", "scan")),
                   "scan_centre_quantile": float(mc.get("scan_centre_quantile", 0.2))}
     if name == "meanpool":
         return MeanPoolMIL(n_classes, m_key, **common)

@@ -55,11 +55,11 @@ class PrimaryNetwork(nn.Module):
         fc_hidden: Sequence[int] = (256, 128),
         dropout: float = 0.5,
         readout_mode: str = "sum",
-        feature_attention: str = "softmax",
+        feature_attention: str = "learnable",
         activation: str = "tanh",
-        input_norm: str = "standardize",
+        input_norm: str = "scan",
         attention_rescale: bool = True,
-        input_dropout: float = 0.0,
+        input_dropout: float = 0.3,
         scan_centre_quantile: float = 0.2,
     ):
         super().__init__()
