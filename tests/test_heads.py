@@ -161,6 +161,7 @@ def test_select_slices_topk_in_z_order_and_random():
 def test_fusion_modes_shapes():
     p = {"matrix": torch.randn(B, M, 16)}
     a = {"matrix": torch.randn(B, K, 12)}
+    a["rows"] = a["matrix"].mean(dim=1)
     idx = torch.tensor([[0, 2, 4, 6]] * B)
     for mode in ("pooled_sum", "scatter_sum"):
         fusion = KnowledgeFusion(C, mode, 16, 12, M, fusion_dim=14, fc_hidden=[12, 10])

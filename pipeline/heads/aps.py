@@ -12,7 +12,8 @@ Shapes::
       --input dropout (as the primary's)-->
       --BatchNorm1d(D)--> --Linear(D, aps_fc) + ReLU--> (B, k, aps_fc)
       --DependenciesLearning--> matrix (B, k, H_a = 2*aps_gru_hidden)
-      --readout--> pooled (B, H_a) (mean of the rows: APS has no slice attention) or (B, k*H_a)
+      --readout--> pooled (B, H_a) (mean or max of the rows, model.aps_row_pool: APS has no slice
+                   attention) or (B, k*H_a) (readout: flatten)
       --3 FC--> logits (B, C)
 """
 
@@ -26,6 +27,8 @@ from torch import nn
 from pipeline.heads.classifier import make_classifier
 from pipeline.heads.dependencies import DependenciesLearning
 from pipeline.heads.input_norm import NORMS, FeatureStandardizer
+
+ROW_POOLS = ("mean", "max")
 
 
 class APSNetwork(nn.Module):
@@ -42,6 +45,7 @@ class APSNetwork(nn.Module):
         dropout: float = 0.5,
         readout_mode: str = "sum",
         activation: str = "tanh",
+        row_pool: str = "mean",
         input_norm: str = "scan",
         input_dropout: float = 0.3,
         scan_centre_quantile: float = 0.2,
@@ -55,6 +59,9 @@ class APSNetwork(nn.Module):
             if input_norm != "none" else None
         self.input_dropout = nn.Dropout(input_dropout)
         self.readout_mode = readout_mode
+        if row_pool not in ROW_POOLS:
+            raise ValueError(f"unknown model.aps_row_pool '{row_pool}'; choose from {ROW_POOLS}")
+        self.row_pool = row_pool
         self.norm = nn.BatchNorm1d(feature_dim)
         self.fc = nn.Sequential(nn.Linear(feature_dim, fc_dim), nn.ReLU(inplace=True))
         self.dependencies = DependenciesLearning(fc_dim, gru_hidden, activation)
@@ -70,6 +77,7 @@ class APSNetwork(nn.Module):
         b, k, d = features.shape
         h = self.norm(features.reshape(b * k, d)).reshape(b, k, d)
         matrix = self.dependencies(self.fc(h))
-        pooled = matrix.mean(dim=1) if self.readout_mode == "sum" else matrix.flatten(1)
+        rows = matrix.max(dim=1).values if self.row_pool == "max" else matrix.mean(dim=1)
+        pooled = rows if self.readout_mode == "sum" else matrix.flatten(1)
         logits = self.classifier(pooled)
-        return {"logits": logits, "prob": torch.sigmoid(logits), "matrix": matrix, "pooled": pooled}
+        return {"logits": logits, "prob": torch.sigmoid(logits), "matrix": matrix, "pooled": pooled, "rows": rows}

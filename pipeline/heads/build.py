@@ -79,6 +79,7 @@ def build_model(config: dict, n_classes: int) -> DrCT | BaselineHead:
         dropout=dropout,
         readout_mode=readout_mode,
         activation=activation,
+        row_pool=str(mc.get("aps_row_pool", "mean")),
         input_norm=str(mc.get("input_norm", "scan")),
         input_dropout=input_dropout,
         scan_centre_quantile=quantile,

@@ -61,7 +61,7 @@ class KnowledgeFusion(nn.Module):
     def forward(self, primary_out: dict, aps_out: dict, aps_idx: torch.Tensor) -> torch.Tensor:
         if self.mode == "pooled_sum":
             primary_pooled = primary_out["matrix"].sum(dim=1)  # attention pooling (eq. 6 weights)
-            aps_pooled = aps_out["matrix"].mean(dim=1)
+            aps_pooled = aps_out["rows"]  # the APS's own row pooling (model.aps_row_pool)
             fused = self.project_primary(primary_pooled) + self.project_aps(aps_pooled)
         else:
             primary = primary_out["matrix"]  # (B, m, H)
