@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,9 +79,30 @@ def test_cache_provenance_records_the_adaptation_and_train_refuses_its_own_scans
         caches[name] = FeatureCache(cache)
     record = caches["target"].provenance["adaptation"]
     assert record["adapted_from"] == "random:0" and record["n_scans"] == 3 and "scan_ids" not in record
+    assert "sop_digests" not in record  # the slice digests stay in the sidecar, not in every cache
     check_adaptation_overlap(caches["target"])  # other scans: fine
-    with pytest.raises(TrainingError, match="adapted on 3 of its own scans"):
+    n_slices = int(caches["adapt_on"].table.n_slices.sum())
+    with pytest.raises(TrainingError, match=f"adapted on {n_slices} of its own slices"):
         check_adaptation_overlap(caches["adapt_on"])
+    # the same scans under another root get other pseudonyms (another key): still caught
+    copy = phantoms / "adapt_copy"
+    shutil.copytree(phantoms / "adapt_on", copy, ignore=shutil.ignore_patterns(".drct_pseudonym_key"))
+    result = runner.invoke(main, ["extract", "--data", str(copy), "--layout", "rsna", "--out", str(phantoms / "copy.h5"),
+                                  "--weights", str(out), "--workers", "0", "--set", "extract.resolutions=[32,64]",
+                                  "--no-progress"])
+    assert result.exit_code == 0, result.output
+    copied = FeatureCache(phantoms / "copy.h5")
+    assert set(copied.table.scan_id).isdisjoint(caches["adapt_on"].table.scan_id)
+    with pytest.raises(TrainingError, match="of its own slices"):
+        check_adaptation_overlap(copied)
+    # a record that is gone fails closed
+    sidecar = Path(str(out) + ".json")
+    sidecar.rename(sidecar.with_suffix(".moved"))
+    try:
+        with pytest.raises(TrainingError, match="missing or older"):
+            check_adaptation_overlap(caches["target"])
+    finally:
+        sidecar.with_suffix(".moved").rename(sidecar)
 
 
 def test_adapt_is_off_without_data_and_needs_slice_labels(phantoms, tmp_path):

@@ -71,21 +71,29 @@ class SliceClassifier(nn.Module):
         return self.head(torch.flatten(self.pool(self.block5(block4_maps)), 1))
 
 
-def labelled_slices(index) -> tuple[list[str], np.ndarray, list[str]]:
-    """(paths, slice labels (n, C), scan id of each slice) of every slice with slice labels."""
-    paths, labels, scans = [], [], []
+def sop_digest(sop_uid: str) -> str:
+    """A key-independent short digest of a slice's SOP Instance UID: the overlap check between
+    the adaptation scans and a stage-two cache compares these, because scan pseudonyms are keyed to
+    each data root and two roots holding the same scans give different pseudonyms."""
+    return hashlib.sha256(str(sop_uid).encode()).hexdigest()[:20]
+
+
+def labelled_slices(index) -> tuple[list[str], np.ndarray, list[str], list[str]]:
+    """(paths, slice labels (n, C), scan id and SOP UID of each slice) of every slice with slice labels."""
+    paths, labels, scans, sops = [], [], [], []
     for scan in index.scans:
         for ref in scan.slices:
             if ref.labels is not None and len(ref.labels) == len(index.label_names):
                 paths.append(ref.path)
                 labels.append(ref.labels)
                 scans.append(scan.scan_id)
+                sops.append(ref.sop_uid)
     if not paths:
         raise AdaptError(
             f"no slice-level labels in {index.root} (layout {index.layout}): `drct adapt` needs a dataset "
             "with slice labels (RSNA's stage_2_train.csv, or a phantom)"
         )
-    return paths, np.asarray(labels, np.float32), scans
+    return paths, np.asarray(labels, np.float32), scans, sops
 
 
 @torch.no_grad()
@@ -157,7 +165,7 @@ def adapt_encoder(
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     encoder, source_digest = load_encoder(str(ex["weights"]))
-    paths, labels, slice_scans = labelled_slices(index)
+    paths, labels, slice_scans, slice_sops = labelled_slices(index)
     maps, kept, errors = block4_maps(encoder, paths, resolution, ex["windows"], int(ex["batch_size"]), work, progress)
     labels = labels[kept]
     if len(labels) == 0:
@@ -214,6 +222,7 @@ def adapt_encoder(
     torch.save({f"features.{k}": v.float() for k, v in adapted.features.state_dict().items()}, tmp)
     tmp.replace(out_path)
     scan_ids = sorted({slice_scans[i] for i in kept})
+    sop_uids = [slice_sops[i] for i in kept]
     dataset = config.get("dataset") or {}
     if not dataset.get("keep_ids", False):  # as stage one stores them: keyed pseudonyms, so no PatientID
         from pipeline.pseudonym import (  # leaks and overlaps still match
@@ -241,6 +250,7 @@ def adapt_encoder(
         "scan_ids_sha256": hashlib.sha256("\n".join(scan_ids).encode()).hexdigest(),
         "ids": "kept" if dataset.get("keep_ids", False) else "pseudonymised",
         "scan_ids": scan_ids,
+        "sop_digests": sorted({sop_digest(uid) for uid in sop_uids}),
         "slices_left_out": len(errors),
         "history": history,
         "note": "block 5 and a slice classifier trained on these scans' slice labels; never on the scans "

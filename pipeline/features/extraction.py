@@ -186,7 +186,8 @@ def run_extraction(index: ScanIndex, config: dict, *, progress: bool = True, log
         provenance = {**config_provenance(ex), "weights_digest": digest, "precision": precision}
         adaptation = adaptation_record(spec.weights)
         if adaptation is not None:  # a `drct adapt` encoder: what it was tuned from and on (no scan list)
-            provenance["adaptation"] = json.dumps({k: v for k, v in adaptation.items() if k != "scan_ids"}
+            provenance["adaptation"] = json.dumps({k: v for k, v in adaptation.items()
+                                                   if k not in ("scan_ids", "sop_digests")}
                                                   | {"sidecar": str(Path(spec.weights + ".json").resolve())})
         manifest = {
             "provenance": provenance,

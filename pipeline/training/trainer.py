@@ -85,20 +85,34 @@ def _counts(weights: np.ndarray) -> np.ndarray:
 
 def check_adaptation_overlap(cache: FeatureCache) -> None:
     """Refuse a cache encoded by a `drct adapt` encoder that was tuned on some of its own scans:
-    their out-of-fold figures would be inflated by an encoder that saw their slice labels."""
+    their out-of-fold figures would be inflated by an encoder that saw their slice labels.
+
+    The sidecar (`W.pth.json`) lists digests of the adapted slices' SOP Instance UIDs, compared
+    with the cache's own: scan pseudonyms are keyed to each data root, so the same scans under two
+    roots would not match by id. It fails closed: a sidecar that is gone or lists no digests (an
+    older `drct adapt`) is refused, naming the file."""
+    from pipeline.features.adapt import sop_digest
+
     record = cache.provenance.get("adaptation")
     if not record:
         return
+    sidecar = Path(record.get("sidecar", "?")) if isinstance(record, dict) else Path("?")
     try:
-        sidecar = Path(record["sidecar"])
-        adapted_on = set(json.loads(sidecar.read_text())["scan_ids"])
+        digests = set(json.loads(sidecar.read_text())["sop_digests"])
     except (ValueError, KeyError, TypeError, OSError):
-        return  # the sidecar moved: the provenance still names the adaptation data
-    shared = sorted(adapted_on & {str(s) for s in cache.table.scan_id})
-    if shared:
         raise TrainingError(
-            f"cache {cache.path} was encoded by an encoder adapted on {len(shared)} of its own scans "
-            f"(e.g. {', '.join(shared[:3])}; see {sidecar}): adapt on other scans, or extract with other weights"
+            f"cache {cache.path} was encoded by a `drct adapt` encoder whose record {sidecar} is missing or "
+            "older than the overlap check (no sop_digests): the scans it was tuned on cannot be compared with "
+            "this cache's. Put the record back beside the weights, or rerun `drct adapt`"
+        ) from None
+    shared = [i for i, uid in enumerate(cache.table.sop_uid) if sop_digest(uid) in digests]
+    if shared:
+        rows = np.asarray(shared)
+        scans = sorted({str(cache.table.scan_id[np.searchsorted(cache.table.offset, r, side="right") - 1])
+                        for r in rows[:1000]})
+        raise TrainingError(
+            f"cache {cache.path} was encoded by an encoder adapted on {len(shared)} of its own slices "
+            f"(scans e.g. {', '.join(scans[:3])}; see {sidecar}): adapt on other scans, or extract with other weights"
         )
 
 
