@@ -80,8 +80,14 @@ def test_drct2_paper_preset_departs_from_the_paper_only_in_epochs():
 
 
 def test_feature_attention_scale_is_validated():
-    config = load_config(None, {"model.feature_attention_scale": "dimm"})
-    with pytest.raises(ValueError, match="feature_attention_scale"):
+    """A typo is refused by the schema (with a 'did you mean') and by the builder itself."""
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="feature_attention_scale.*did you mean 'dim'"):
+        load_config(None, {"model.feature_attention_scale": "dimm"})
+    config = load_config(None)
+    config["model"]["feature_attention_scale"] = "dimm"
+    with pytest.raises(ValueError, match="unknown model.feature_attention_scale 'dimm'"):
         build_model(config, 2)
 
 
