@@ -153,3 +153,41 @@ def test_ablation_options_train_one_fold(cache_path, tmp_path, extra):
         a, b = predict_scans(model, data, scans, 8, 64), predict_scans(model, data, scans, 8, 64)
         np.testing.assert_array_equal(a["aps_idx"], b["aps_idx"])  # evaluation is repeatable
         np.testing.assert_array_equal(a["aps_idx"], oof["aps_idx"])
+
+
+@pytest.mark.parametrize("model", ["pooled_logistic", "meanpool", "abmil"])
+def test_baselines_train_and_evaluate_like_drct(cache_path, tmp_path, model):
+    """`drct train --model <baseline>` writes the same run directory (oof.npz, fold checkpoints,
+    run.json naming the departure) and `drct evaluate` reads it; baselines read the APS resolution."""
+    out = tmp_path / model
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "--cache", str(cache_path), "--out", str(out), "--model", model,
+                                  "--epochs", "2", "--quiet", *SETS])
+    assert result.exit_code == 0, result.output
+    oof = np.load(out / "oof.npz")
+    assert oof["prob"].shape == (45, len(NAMES)) and np.isfinite(oof["prob"]).all()
+    assert np.isnan(oof["prob_aps"]).all() and (oof["aps_idx"] == -1).all()
+    np.testing.assert_allclose(oof["slice_attention"].sum(axis=1), 1.0, rtol=1e-5)
+    info = json.loads((out / "run.json").read_text())
+    assert info["model"] == model
+    assert info["resolutions"]["primary"] == info["resolutions"]["aps"] == FeatureCache(cache_path).resolutions[-1]
+    assert info["departures_from_paper"][0]["item"] == "model"
+    assert (out / "fold_2" / "checkpoint.pt").is_file()
+    model_reloaded, _, _ = load_model(out / "fold_0" / "checkpoint.pt")
+    assert model_reloaded.variant == model
+    result = runner.invoke(main, ["evaluate", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "macro_auc" in json.loads((out / "metrics.json").read_text())
+
+
+def test_preset_drct2_paper_trains_with_the_papers_settings(cache_path, tmp_path):
+    out = tmp_path / "paper"
+    result = CliRunner().invoke(main, ["train", "--cache", str(cache_path), "--out", str(out), "--preset", "drct2_paper",
+                                       "--epochs", "1", "--fold", "0", "--quiet", *SETS])
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["model"]["feature_attention"], config["model"]["input_norm"], config["train"]["loss"]) == \
+        ("softmax", "none", "mse_mse_bce")
+    items = [d["item"] for d in json.loads((out / "run.json").read_text())["departures_from_paper"]]
+    assert items == ["epochs"]
+    assert "- epochs: paper 100" in (out / "MODEL_CARD.md").read_text()

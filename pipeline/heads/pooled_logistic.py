@@ -9,6 +9,8 @@ the head is saved, loaded and applied like every other one.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
@@ -59,8 +61,10 @@ class PooledLogistic(BaselineHead):
                 bias[c] = np.log(prevalence / (1 - prevalence))
                 chosen.append(float("nan"))
                 continue
-            model = LogisticRegressionCV(Cs=list(C_GRID), cv=splits, scoring="neg_log_loss", max_iter=2000,
-                                         random_state=seed).fit(x, y)
+            with warnings.catch_warnings():  # scikit-learn 1.9 announces 1.10's defaults; we set what matters
+                warnings.simplefilter("ignore", FutureWarning)
+                model = LogisticRegressionCV(Cs=list(C_GRID), cv=splits, scoring="neg_log_loss", max_iter=2000,
+                                             random_state=seed).fit(x, y)
             weight[c], bias[c] = model.coef_[0], model.intercept_[0]
             chosen.append(float(np.ravel(model.C_)[0]))
         self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
