@@ -73,7 +73,7 @@ def train(config_path, cache_path, out_dir, model, preset, epochs, folds, fold, 
     \b
     Ablations (paper): --model drct1 (no APS, Table 3); --set model.aps_selection=random
     (Fig. 6); --set model.aps_resolution=first (APS on 224 vectors, Table 4);
-    --set train.loss=mse_mse_bce (the paper's main losses; Table 2). Baselines: --model
+    --set train.loss=bce (Table 2). Baselines: --model
     pooled_logistic|meanpool|abmil; the paper's own DrCT2: --preset drct2_paper.
     """
     flags = {"model.name": model, "train.epochs": epochs, "train.folds": folds, "train.fold": fold, "train.seed": seed}
