@@ -39,7 +39,6 @@ only the new scans and merges them with OUT's (OUT is read as one more source).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -52,6 +51,7 @@ from typing import Self
 import h5py
 import numpy as np
 
+from cache.lock import OutputLock, WriterLocked, lock_path  # noqa: F401 - WriterLocked, lock_path: re-exported
 from cache.provenance import provenance_differences
 from cache.rejects import Reject, write_rejects
 from cache.store import (
@@ -80,10 +80,6 @@ class ResumeRefused(CacheError):
     """The parts (or finished cache) at OUT were made with a different config."""
 
 
-class WriterLocked(CacheError):
-    """Another process holds OUT.lock."""
-
-
 def parts_dir(out: str | Path) -> Path:
     return Path(str(out) + ".parts")
 
@@ -107,10 +103,6 @@ def input_fingerprint(paths: Sequence[str], root: str | Path) -> str:
             state = "missing"
         digest.update(f"{_relative(str(path), str(root))}\0{state}\n".encode("utf-8", errors="surrogateescape"))
     return digest.hexdigest()[:32]
-
-
-def lock_path(out: str | Path) -> Path:
-    return Path(str(out) + ".lock")
 
 
 @dataclass
@@ -171,7 +163,7 @@ class PartsWriter:
         self.out = Path(out)
         self.parts = parts_dir(self.out)
         self.manifest = {"format": MANIFEST_FORMAT, "version": 1, **manifest}
-        self._lock_fd: int | None = None
+        self._lock = OutputLock(self.out, "drct extract")
         self.done: set[str] = set()
         self.job_bytes = 0   # estimate of the space the whole extraction needs (set by the caller)
         self.fingerprints: dict[str, str] = {}   # scan id -> recorded input fingerprint (latest source)
@@ -188,20 +180,7 @@ class PartsWriter:
         self.close()
 
     def open(self) -> None:
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_path(self.out), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise storage_error(exc, lock_path(self.out), 0) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise WriterLocked(
-                f"another `drct extract` is writing {self.out} (lock {lock_path(self.out)} is held); "
-                "wait for it to finish or choose another --out"
-            ) from None
-        self._lock_fd = fd
+        self._lock.acquire()
         try:
             for stale in (self.out.with_name(self.out.name + ".tmp"), rejects_path(self.out).with_suffix(".csv.tmp")):
                 stale.unlink(missing_ok=True)
@@ -212,10 +191,7 @@ class PartsWriter:
             raise
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     def _check_previous_cache(self) -> None:
         if not self.out.exists():

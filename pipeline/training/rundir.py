@@ -1,0 +1,321 @@
+"""The run directory of `drct train`: how it is written, and the one check every reader makes.
+
+Writing (pipeline/training/trainer.py):
+
+- **One writer**: `drct train` holds ``RUN_DIR.lock`` (`cache.lock.OutputLock`, the lock
+  discipline of `drct extract`) while it writes; a second train into the same directory stops.
+- **Incomplete until finished**: ``RUN_DIR/incomplete.json`` (`INCOMPLETE`) is written before
+  anything else and removed last, so a run that was stopped (SIGTERM, SIGINT, a full disk) or
+  killed (SIGKILL, a crash) stays marked. It records the folds to run and a key of the settings
+  and data (`run_key`); a rerun with the same key resumes at the first unfinished fold.
+- **Atomic files**: every file goes to ``NAME.tmp`` first, then `os.replace` (`atomic_write_bytes`):
+  a file exists whole or not at all, and a full disk is one `cache.store.DiskSpaceError` (where,
+  how much is needed and free) with the temporary file removed, as in `drct extract`.
+- A fold counts as finished once its ``fold_<k>/checkpoint.pt``, ``fold_<k>/history.json`` and
+  its rows of ``oof.npz`` (rewritten after each fold) are written, in that order.
+
+Reading: `check_run` is called by every command that reads a run (`drct predict --run`,
+`evaluate`, `report`, `interpret`). It refuses an incomplete run, naming the missing folds
+(unless ``allow_partial``), and a run whose fold checkpoints differ from each other or from
+run.json in model, label names or extraction settings (never overridable: such an ensemble is
+not one model).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cache import store
+
+INCOMPLETE = "incomplete.json"
+INCOMPLETE_FORMAT = "drct-train-incomplete"
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.json"
+# Written by `drct train`; removed from a run directory before a fresh (not resumed) run.
+RUN_FILES = ("oof.npz", "run.json", "MODEL_CARD.md")
+FOLD_FILES = (CHECKPOINT, HISTORY)
+_FOLD_DIR = re.compile(r"^fold_(\d+)$")
+
+
+class RunError(ValueError):
+    """A run directory that cannot be used; the message says why and what to do."""
+
+
+class IncompleteRun(RunError):
+    """The run was stopped or is still training: some of its folds are missing."""
+
+
+class MixedRun(RunError):
+    """The fold checkpoints do not belong to one run (model, label names or extraction settings differ)."""
+
+
+# -- writing ------------------------------------------------------------------------------------
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
+    """Write `data` to `path` through ``path.tmp`` (free space checked first, fsync, `os.replace`).
+    A full disk or an unwritable folder raises one `cache.store.CacheError` (`DiskSpaceError` for
+    a full disk, naming the folder and the size) and leaves no temporary file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    needed = len(data) + 64 * 1024
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store.check_free_space(path.parent, needed, f"writing {path.name}")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        store._fsync_path(tmp)
+        os.replace(tmp, path)
+    except store.DiskSpaceError:
+        store.remove_quietly(tmp)
+        raise
+    except OSError as exc:
+        store.remove_quietly(tmp)
+        raise store.storage_error(exc, path, needed) from None
+    store._fsync_path(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def npz_bytes(**arrays) -> memoryview:
+    """An uncompressed .npz in memory (written with `atomic_write_bytes`: np.savez into a full
+    disk fails inside zipfile and leaves half a file)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getbuffer()
+
+
+def fold_dirs(run_dir: str | Path) -> dict[int, Path]:
+    """{k: RUN_DIR/fold_<k>} of the fold folders present."""
+    run_dir = Path(run_dir)
+    found = {}
+    if run_dir.is_dir():
+        for child in run_dir.iterdir():
+            match = _FOLD_DIR.match(child.name)
+            if match and child.is_dir():
+                found[int(match.group(1))] = child
+    return dict(sorted(found.items()))
+
+
+def finished_folds(run_dir: str | Path) -> list[int]:
+    """Folds whose checkpoint and history are both written."""
+    return [k for k, d in fold_dirs(run_dir).items() if all((d / name).is_file() for name in FOLD_FILES)]
+
+
+def read_marker(run_dir: str | Path) -> dict | None:
+    """incomplete.json's content; {} for a marker that cannot be read (still incomplete); None when absent."""
+    path = Path(run_dir) / INCOMPLETE
+    if not path.exists():
+        return None
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def write_marker(run_dir: str | Path, content: dict) -> None:
+    atomic_write_text(Path(run_dir) / INCOMPLETE, json.dumps({"format": INCOMPLETE_FORMAT, **content}, indent=1))
+
+
+def update_marker(run_dir: str | Path, **changes) -> None:
+    """Best effort (the disk may be full): the marker's presence is what matters, not its state text."""
+    try:
+        write_marker(run_dir, {**(read_marker(run_dir) or {}), **changes})
+    except (store.CacheError, OSError):
+        pass
+
+
+def start_fresh(run_dir: str | Path, marker: dict) -> None:
+    """Mark RUN_DIR incomplete, then remove what an earlier run wrote there (its run files and
+    fold files, and leftover temporary files), so that no checkpoint of another run stays beside
+    the new ones. Other files are left alone."""
+    run_dir = Path(run_dir)
+    write_marker(run_dir, marker)
+    for name in RUN_FILES:
+        for path in (run_dir / name, run_dir / (name + ".tmp")):
+            path.unlink(missing_ok=True)
+    for fold_dir in fold_dirs(run_dir).values():
+        for name in FOLD_FILES:
+            for path in (fold_dir / name, fold_dir / (name + ".tmp")):
+                path.unlink(missing_ok=True)
+        try:
+            fold_dir.rmdir()
+        except OSError:
+            pass  # not empty: files that are not ours
+
+
+def remove_temporaries(run_dir: str | Path) -> None:
+    run_dir = Path(run_dir)
+    for folder in (run_dir, *fold_dirs(run_dir).values()):
+        for tmp in folder.glob("*.tmp"):
+            store.remove_quietly(tmp)
+
+
+def folds_text(folds) -> str:
+    folds = list(folds)
+    return ", ".join(str(f) for f in folds) if folds else "none"
+
+
+# -- reading ------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """What `check_run` found: the folds the run is meant to have, those finished and missing."""
+
+    run_dir: Path
+    folds: list[int]                     # the folds the run trains (run.json / incomplete.json / configs)
+    finished: list[int]                  # folds with a checkpoint (and history)
+    missing: list[int]                   # folds - finished, where that is known to matter
+    incomplete: bool                     # incomplete.json present, or checkpoints missing
+    checkpoints: list[Path] = field(default_factory=list)   # the finished folds' checkpoints, in fold order
+
+    @property
+    def partial(self) -> bool:
+        return self.incomplete or bool(self.missing)
+
+
+def _run_json(run_dir: Path) -> dict:
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _folds_of_train(train: dict) -> list[int] | None:
+    try:
+        k = int(train["folds"])
+        return list(range(k)) if train.get("fold") is None else [int(train["fold"])]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _config_folds(run_dir: Path) -> list[int] | None:
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return _folds_of_train(config.get("train") or {}) if isinstance(config, dict) else None
+
+
+def check_run(run_dir: str | Path, allow_partial: bool = False, need_checkpoints: bool = False) -> RunState:
+    """The check every reader of a run directory makes before using it.
+
+    Incomplete (incomplete.json present; or, with `need_checkpoints`, a fold of the run without a
+    checkpoint): `IncompleteRun` naming the missing folds, unless `allow_partial`. Checkpoints that
+    disagree with each other or with run.json (model, label names, extraction settings), or that
+    are not a fold of this run: `MixedRun`, always."""
+    run_dir = Path(run_dir)
+    marker = read_marker(run_dir)
+    info = _run_json(run_dir)
+    present = {k: d / CHECKPOINT for k, d in fold_dirs(run_dir).items() if (d / CHECKPOINT).is_file()}
+    folds = None
+    for source in ((marker or {}).get("folds_run"), info.get("folds_run")):
+        if isinstance(source, list) and all(isinstance(f, int) for f in source):
+            folds = sorted(source)
+            break
+    if folds is None:
+        folds = _config_folds(run_dir)
+    payloads = _check_checkpoints(run_dir, present, info)
+    if folds is None and payloads:
+        folds = _folds_of_train((next(iter(payloads.values())).get("config") or {}).get("train") or {})
+    if folds is None:
+        folds = sorted(present)
+    extra = sorted(set(present) - set(folds))
+    if extra:
+        raise MixedRun(
+            f"{run_dir}: fold_{extra[0]}/{CHECKPOINT} is not a fold of this run (folds {folds_text(folds)}): "
+            "it comes from another run; remove it, or train into a new directory"
+        )
+    finished = sorted(set(finished_folds(run_dir)) & set(folds)) if marker is not None else sorted(present)
+    missing = sorted(set(folds) - set(finished)) if (marker is not None or need_checkpoints) else []
+    incomplete = marker is not None or bool(missing)
+    if incomplete and not allow_partial:
+        state = (marker or {}).get("state") or ("stopped or still training" if marker is not None else
+                                                "fold checkpoints deleted")
+        if finished:
+            use = f"or pass --allow-partial to use fold(s) {folds_text(finished)} only"
+        else:
+            use = "no fold is finished yet"
+        raise IncompleteRun(
+            f"{run_dir} is an incomplete `drct train` run ({state}): fold(s) {folds_text(missing)} of "
+            f"{folds_text(folds)} missing; run the same `drct train` command again to finish it, {use}"
+        )
+    return RunState(run_dir, folds, finished, missing, incomplete,
+                    [present[k] for k in finished if k in present])
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    """Fields in which two checkpoint payloads differ: model, sampler.m, label names, extraction settings."""
+    from cache.provenance import CHECKED_FIELDS, _normalise
+
+    out = []
+    model_a, model_b = (p.get("config", {}).get("model") or {} for p in (a, b))
+    for key in sorted(set(model_a) | set(model_b)):
+        if model_a.get(key) != model_b.get(key):
+            out.append(f"model.{key} {model_a.get(key)!r} vs {model_b.get(key)!r}")
+    m_a, m_b = ((p.get("config", {}).get("sampler") or {}).get("m") for p in (a, b))
+    if m_a != m_b:
+        out.append(f"sampler.m {m_a!r} vs {m_b!r}")
+    if list(a.get("label_names") or []) != list(b.get("label_names") or []):
+        out.append(f"label names {list(a.get('label_names') or [])} vs {list(b.get('label_names') or [])}")
+    prov_a, prov_b = a.get("provenance") or {}, b.get("provenance") or {}
+    for key in (*CHECKED_FIELDS, "weights_digest"):
+        if _normalise(key, prov_a.get(key)) != _normalise(key, prov_b.get(key)):
+            out.append(f"extraction setting {key} {prov_a.get(key)!r} vs {prov_b.get(key)!r}")
+    return out
+
+
+def _check_checkpoints(run_dir: Path, present: dict[int, Path], info: dict) -> dict[int, dict]:
+    """Load every fold checkpoint (weights_only) and refuse a mixed set: `MixedRun` naming the file
+    and the fields. run.json, where it records them, is the reference for model name, label names
+    and extraction settings."""
+    if not present:
+        return {}
+    from pipeline.training.checkpoint import CheckpointError, load_checkpoint
+
+    payloads = {}
+    for k, path in present.items():
+        try:
+            payload = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise MixedRun(f"{run_dir}: {exc}") from None
+        if payload.get("fold") is not None and payload["fold"] != k:
+            raise MixedRun(f"{path} is the checkpoint of fold {payload['fold']}, not of fold {k}: "
+                           "it was copied from elsewhere; retrain the run")
+        payloads[k] = payload
+    reference_fold = min(payloads)
+    reference = payloads[reference_fold]
+    if info:
+        recorded = {"config": {"model": {**(reference.get("config", {}).get("model") or {}),
+                                         **({"name": info["model"]} if "model" in info else {})},
+                               "sampler": reference.get("config", {}).get("sampler") or {}},
+                    "label_names": info.get("label_names", reference.get("label_names")),
+                    "provenance": {**(reference.get("provenance") or {}), **(info.get("provenance") or {})}}
+        if "weights_digest" in info:
+            recorded["provenance"]["weights_digest"] = info["weights_digest"]
+        differences = _differences(reference, recorded)
+        if differences:
+            raise MixedRun(
+                f"{run_dir}: fold_{reference_fold}/{CHECKPOINT} does not belong to this run (run.json): it differs in "
+                + "; ".join(differences) + ". Its checkpoints would not form one model: retrain into a new directory"
+            )
+    for k, payload in payloads.items():
+        differences = _differences(payload, reference)
+        if differences:
+            raise MixedRun(
+                f"{run_dir}: fold_{k}/{CHECKPOINT} differs from fold_{reference_fold}/{CHECKPOINT} in "
+                + "; ".join(differences) + ": the folds come from different runs and are never averaged "
+                "into one ensemble; retrain into a new directory"
+            )
+    return payloads
