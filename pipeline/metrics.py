@@ -19,13 +19,15 @@ This module is the one definition of every metric the pipeline reports (`drct ev
 
 Pure functions on numpy arrays, checked against hand-computed cases and scikit-learn:
 precision/recall/F1 use sklearn's ``zero_division=0`` convention (an undefined ratio is 0) and
-F1 = 2 TP / (2 TP + FP + FN); a class is predicted when prob >= threshold; the AUC of a class
+F1 = 2 TP / (2 TP + FP + FN); a class is predicted when prob >= threshold (one number, or one per
+class, or one per scan and class: it broadcasts against the (n, C) probabilities); the AUC of a class
 whose labels are all equal is undefined (NaN, skipped by the macro AUC).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -126,9 +128,10 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def cross_validation_metrics(
-    labels: np.ndarray, prob: np.ndarray, fold: np.ndarray, names: Sequence[str], threshold: float = 0.5
+    labels: np.ndarray, prob: np.ndarray, fold: np.ndarray, names: Sequence[str], threshold=0.5
 ) -> dict:
-    """The metrics of a cross-validated run: the pooled out-of-fold figures as the headline
+    """The metrics of a cross-validated run (`threshold`: a number, one per class (C,) or one per
+    scan and class (n, C)): the pooled out-of-fold figures as the headline
     (``macro_f1``, per-class ``f1``, ...), each with the mean and sample std over folds beside it
     (``macro_f1_fold_mean``, ``macro_f1_fold_std``; per class ``f1_fold_mean``, ``f1_fold_std``),
     and every fold's own figures in ``per_fold``. A fold's macro average leaves out the classes
@@ -138,13 +141,15 @@ def cross_validation_metrics(
     prob = np.asarray(prob, np.float64)
     fold = np.asarray(fold)
     per_fold = []
+    threshold = np.asarray(threshold, np.float64)
     for k in sorted(set(fold.tolist())):
         rows = fold == k
-        entry = classification_metrics(labels[rows], prob[rows], names, threshold)
+        entry = classification_metrics(labels[rows], prob[rows], names, threshold[rows] if threshold.ndim == 2 else threshold)
         entry["fold"] = int(k)
         per_fold.append(entry)
     pooled = classification_metrics(labels, prob, names, threshold)
-    result: dict = {"threshold": float(threshold), "n_folds": len(per_fold), "n": pooled["n"]}
+    result: dict = {"threshold": float(threshold) if threshold.ndim == 0 else threshold.tolist(),
+                    "n_folds": len(per_fold), "n": pooled["n"]}
     for key in MACRO_KEYS:
         mean, std = _mean_std([f[key] for f in per_fold])
         result[key] = pooled[key]
@@ -236,15 +241,170 @@ def patient_bootstrap_ci(
     resampling patients with replacement (all scans of a drawn patient come along), so scans of
     one patient, which are not independent, never pass for independent evidence. Seeded."""
     labels, prob = np.asarray(labels), np.asarray(prob)
-    _, patient_index = np.unique(np.asarray(patients).astype(str), return_inverse=True)
+    patient_index, draws = patient_draws(patients, resamples, seed)
     members = [np.flatnonzero(patient_index == p) for p in range(patient_index.max() + 1)]
-    rng = np.random.default_rng(seed)
     values = []
-    for _ in range(int(resamples)):
-        rows = np.concatenate([members[p] for p in rng.integers(0, len(members), len(members))])
+    for drawn in draws:
+        rows = np.concatenate([members[p] for p in drawn])
         value = statistic(labels[rows], prob[rows])
         if np.isfinite(value):
             values.append(value)
+    low, high = percentile_interval(values, level)
+    return float(statistic(labels, prob)), low, high
+
+
+# -- the patient bootstrap of every figure at once --------------------------------------------------
+#
+# One resample draws len(patients) patients with replacement (`patient_draws`, the same draws as
+# `patient_bootstrap_ci`); a scan enters the resample as many times as its patient was drawn. The
+# figures of a resample are those of `classification_metrics` (and `average_precision`) on the
+# resampled rows, computed from each scan's multiplicity instead of copying rows: counts are weighted
+# sums, and the rank AUC and the AP of repeated rows are sums over groups of tied scores.
+
+BOOT_MACRO = ("macro_f1", "macro_precision", "macro_recall", "macro_auc", "macro_ap")
+BOOT_CLASS = ("precision", "recall", "f1", "auc", "ap")
+RESAMPLES = 2000
+
+
+def patient_draws(patients: Sequence, resamples: int = RESAMPLES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(patient_index (n,), draws (resamples, P)): each scan's patient number (patients sorted as
+    text) and, per resample, the P patients drawn with replacement. Seeded; one stream for every
+    bootstrap here, so two runs resampled with the same seed and patients see the same draws."""
+    _, patient_index = np.unique(np.asarray(patients).astype(str), return_inverse=True)
+    n_patients = int(patient_index.max()) + 1 if len(patient_index) else 0
+    rng = np.random.default_rng(seed)
+    return patient_index, rng.integers(0, n_patients, (int(resamples), n_patients))
+
+
+def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """(low, high): the percentile interval of the finite `values` (NaN, NaN if none)."""
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
     tail = (1.0 - level) / 2.0
-    low, high = (np.quantile(values, [tail, 1.0 - tail]) if values else (float("nan"), float("nan")))
-    return float(statistic(labels, prob)), float(low), float(high)
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision of one class, scikit-learn's definition (sum over the distinct scores,
+    from the highest, of the recall gained times the precision there); NaN without a positive."""
+    return float(_weighted_rank_figures(np.asarray(labels, np.float64), np.asarray(scores, np.float64),
+                                        np.ones((1, len(np.ravel(labels)))))[1][0])
+
+
+def _weighted_rank_figures(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(auc, ap), each (R,), of one class for R rows of scan multiplicities `weights` (R, n):
+    the Mann-Whitney AUC (ties one half) and the average precision of the sample in which scan i
+    appears weights[r, i] times. NaN labels are left out; NaN where a figure is undefined."""
+    labels = np.ravel(labels)
+    known = ~np.isnan(labels)
+    y, s, w = labels[known] > 0.5, np.ravel(scores)[known], weights[:, known]
+    order = np.argsort(s, kind="stable")
+    s, y, w = s[order], y[order], w[:, order]
+    if not len(s):
+        nan = np.full(len(weights), np.nan)
+        return nan, nan
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores, ascending
+    pos = np.add.reduceat(w * y, starts, axis=1)
+    neg = np.add.reduceat(w * ~y, starts, axis=1)
+    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    below = np.cumsum(neg, 1) - neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos * (below + 0.5 * neg)).sum(1) / (n_pos * n_neg)
+        tp_at = n_pos[:, None] - np.cumsum(pos, 1) + pos  # called positive at threshold = this score
+        fp_at = n_neg[:, None] - np.cumsum(neg, 1) + neg
+        precision = np.where(tp_at + fp_at > 0, tp_at / np.maximum(tp_at + fp_at, 1e-300), 0.0)
+        ap = (pos * precision).sum(1) / n_pos
+    auc[(n_pos == 0) | (n_neg == 0)] = np.nan
+    ap[n_pos == 0] = np.nan
+    return auc, ap
+
+
+def _replicate_figures(labels: np.ndarray, prob: np.ndarray, weights: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Every figure of BOOT_CLASS (R, C) and BOOT_MACRO (R,) for R rows of scan multiplicities."""
+    known = ~np.isnan(labels)
+    y, p = (labels > 0.5) & known, (prob >= threshold) & known
+    neg = known & ~(labels > 0.5)
+    tp, fp, fn = weights @ (y & p), weights @ (neg & p), weights @ (y & ~p)
+    out = {
+        "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+    }
+    ranked = [_weighted_rank_figures(labels[:, c], prob[:, c], weights) for c in range(labels.shape[1])]
+    out["auc"] = np.stack([r[0] for r in ranked], 1)
+    out["ap"] = np.stack([r[1] for r in ranked], 1)
+    present = (weights @ y) > 0  # the classes with a positive in the resample: classification_metrics' rule
+    for key in BOOT_CLASS:
+        values = np.where(present & np.isfinite(out[key]), out[key], np.nan)
+        with warnings.catch_warnings():  # a row without any usable class is NaN, as intended
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[f"macro_{key}"] = np.nanmean(values, 1)
+    return out
+
+
+def bootstrap_replicates(labels: np.ndarray, prob: np.ndarray, patients: Sequence, threshold: float = 0.5,
+                         resamples: int = RESAMPLES, seed: int = 0, chunk: int = 250) -> dict[str, np.ndarray]:
+    """The figures of every patient-bootstrap resample: BOOT_MACRO keys (R,), BOOT_CLASS keys (R, C).
+    Resample r equals `classification_metrics` (and `average_precision`) on the rows of the patients
+    of draws[r] (`patient_draws(patients, resamples, seed)`), tested against that loop."""
+    labels, prob = np.asarray(labels, np.float64), np.asarray(prob, np.float64)
+    patient_index, draws = patient_draws(patients, resamples, seed)
+    n_patients = draws.shape[1]
+    parts = []
+    for start in range(0, len(draws), chunk):
+        block = draws[start:start + chunk]
+        counts = np.zeros((len(block), n_patients))
+        np.add.at(counts, (np.repeat(np.arange(len(block)), n_patients), block.ravel()), 1.0)
+        parts.append(_replicate_figures(labels, prob, counts[:, patient_index], threshold))
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def bootstrap_intervals(labels: np.ndarray, prob: np.ndarray, patients: Sequence, names: Sequence[str],
+                        threshold: float = 0.5, resamples: int = RESAMPLES, level: float = 0.95, seed: int = 0) -> dict:
+    """Point figures and patient-bootstrap percentile intervals: ``{macro_f1: {value, ci_low,
+    ci_high}, ..., per_class: {name: {f1: {...}, ...}}, resamples, level, seed, n_patients}``.
+    The values are `classification_metrics`' (plus AP, macro AP over the same classes)."""
+    labels, prob = np.asarray(labels, np.float64), np.asarray(prob, np.float64)
+    point = _replicate_figures(labels, prob, np.ones((1, len(labels))), threshold)
+    reps = bootstrap_replicates(labels, prob, patients, threshold, resamples, seed)
+
+    def entry(value, replicates) -> dict:
+        low, high = percentile_interval(replicates, level)
+        return {"value": float(value), "ci_low": low, "ci_high": high}
+
+    result = {key: entry(point[key][0], reps[key]) for key in BOOT_MACRO}
+    result["per_class"] = {
+        name: {key: entry(point[key][0, c], reps[key][:, c]) for key in BOOT_CLASS} for c, name in enumerate(names)
+    }
+    result.update(resamples=int(resamples), level=float(level), seed=int(seed),
+                  n_patients=int(len(np.unique(np.asarray(patients).astype(str)))))
+    return result
+
+
+def paired_bootstrap(run_a: tuple[np.ndarray, np.ndarray], run_b: tuple[np.ndarray, np.ndarray], patients: Sequence,
+                     threshold=0.5, resamples: int = RESAMPLES, level: float = 0.95, seed: int = 0,
+                     keys: Sequence[str] = BOOT_MACRO, threshold_b=None) -> dict:
+    """The difference A - B of each macro figure on the same scans (rows aligned; (labels, prob) each),
+    with its paired patient-bootstrap interval (both runs resampled with the same draws) and a
+    two-sided p-value: p = min(1, 2 (min(#{d <= 0}, #{d >= 0}) + 1) / (R + 1)), the add-one bootstrap
+    p of "no difference" (Davison & Hinkley 1997, eq. 4.11), so never 0 from a finite R.
+    `threshold_b`: B's own threshold(s) if they differ from A's (`threshold`)."""
+    threshold_b = threshold if threshold_b is None else threshold_b
+    labels_a, prob_a = (np.asarray(x, np.float64) for x in run_a)
+    labels_b, prob_b = (np.asarray(x, np.float64) for x in run_b)
+    if labels_a.shape != labels_b.shape or prob_a.shape != prob_b.shape:
+        raise ValueError(f"the runs do not cover the same scans: {prob_a.shape} vs {prob_b.shape}")
+    point_a = _replicate_figures(labels_a, prob_a, np.ones((1, len(labels_a))), threshold)
+    point_b = _replicate_figures(labels_b, prob_b, np.ones((1, len(labels_b))), threshold_b)
+    reps_a = bootstrap_replicates(labels_a, prob_a, patients, threshold, resamples, seed)
+    reps_b = bootstrap_replicates(labels_b, prob_b, patients, threshold_b, resamples, seed)
+    out = {}
+    for key in keys:
+        d = reps_a[key] - reps_b[key]
+        d = d[np.isfinite(d)]
+        low, high = percentile_interval(d, level)
+        p = min(1.0, 2.0 * (min(int((d <= 0).sum()), int((d >= 0).sum())) + 1) / (len(d) + 1)) if len(d) else float("nan")
+        out[key] = {"a": float(point_a[key][0]), "b": float(point_b[key][0]),
+                    "difference": float(point_a[key][0] - point_b[key][0]), "ci_low": low, "ci_high": high, "pvalue": p}
+    return {"metrics": out, "resamples": int(resamples), "level": float(level), "seed": int(seed)}

@@ -167,3 +167,103 @@ def test_interpret_macro_f1_is_the_metrics_module_one():
     m = classification_metrics(labels, prob, ["a", "b"])
     assert m["classes_left_out"] == ["b"] and m["macro_f1"] == pytest.approx(2 / 3)
     assert macro_f1(labels, prob, 0.5) == m["macro_f1"]
+
+
+# -- the patient bootstrap ------------------------------------------------------------------------
+
+from pipeline.metrics import (  # noqa: E402
+    average_precision,
+    bootstrap_intervals,
+    bootstrap_replicates,
+    paired_bootstrap,
+    patient_bootstrap_ci,
+    patient_draws,
+)
+
+
+def test_bootstrap_of_two_patients_by_hand():
+    # one class; patient A: a TP, patient B: a FN. Resamples AA (p 1/4): F1 1; AB (1/2): 2/3; BB (1/4): 0
+    labels, prob = np.array([[1.0], [1.0]]), np.array([[0.9], [0.1]])
+    reps = bootstrap_replicates(labels, prob, ["A", "B"], resamples=2000, seed=0)["macro_f1"]
+    values, counts = np.unique(reps.round(12), return_counts=True)
+    assert values.tolist() == pytest.approx([0.0, 2 / 3, 1.0])
+    assert (counts / 2000).tolist() == pytest.approx([0.25, 0.5, 0.25], abs=0.04)
+    ci = bootstrap_intervals(labels, prob, ["A", "B"], ["x"])
+    assert (ci["macro_f1"]["value"], ci["macro_f1"]["ci_low"], ci["macro_f1"]["ci_high"]) == pytest.approx((2 / 3, 0.0, 1.0))
+    assert ci["n_patients"] == 2 and ci["resamples"] == 2000
+
+
+def test_bootstrap_resamples_patients_not_scans():
+    # patient A: scans (y1, .9) and (y0, .8); patient B: (y1, .2). Patient resamples give only
+    # AA: TP2 FP2 -> F1 2/3; AB: TP1 FP1 FN1 -> 1/2; BB: FN2 -> 0. Scan resampling would also give
+    # e.g. {a1, a1, b1}: TP2 FN1 -> 4/5.
+    labels, prob = np.array([[1.0], [0.0], [1.0]]), np.array([[0.9], [0.8], [0.2]])
+    reps = bootstrap_replicates(labels, prob, ["A", "A", "B"], resamples=500, seed=1)["macro_f1"]
+    assert set(reps.round(12).tolist()) == {round(2 / 3, 12), 0.5, 0.0}
+
+
+def test_vectorised_bootstrap_equals_the_loop_over_resampled_rows():
+    """Resample r of bootstrap_replicates is classification_metrics / sklearn's AP on the rows of
+    the patients patient_draws drew (NaN labels, ties, a rare class)."""
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(1)
+    labels = (rng.random((40, 3)) < [0.3, 0.08, 0.5]).astype(float)
+    labels[3, 1] = np.nan
+    prob = (rng.random((40, 3)) * 0.6 + np.nan_to_num(labels) * 0.3).round(1)
+    patients = rng.integers(0, 15, 40).astype(str)
+    reps = bootstrap_replicates(labels, prob, patients, resamples=60, seed=3, chunk=7)
+    index, draws = patient_draws(patients, 60, 3)
+    members = [np.flatnonzero(index == p) for p in range(index.max() + 1)]
+    for r in range(60):
+        rows = np.concatenate([members[p] for p in draws[r]])
+        m = classification_metrics(labels[rows], prob[rows], list("abc"))
+        for key in ("macro_f1", "macro_precision", "macro_recall", "macro_auc"):
+            assert reps[key][r] == pytest.approx(m[key], nan_ok=True), (r, key)
+        for c, name in enumerate("abc"):
+            assert reps["auc"][r, c] == pytest.approx(m["per_class"][name]["auc"], nan_ok=True)
+            known = ~np.isnan(labels[rows, c])
+            y = labels[rows, c][known]
+            expected = average_precision_score(y, prob[rows, c][known]) if y.any() else np.nan
+            assert reps["ap"][r, c] == pytest.approx(expected, nan_ok=True), (r, name)
+    # the generic per-statistic bootstrap draws the same resamples
+    _, low, high = patient_bootstrap_ci(labels, prob, patients, resamples=60, seed=3)
+    assert (low, high) == pytest.approx(tuple(np.quantile(reps["macro_auc"][np.isfinite(reps["macro_auc"])], [0.025, 0.975])))
+
+
+def test_average_precision_by_hand():
+    # descending: .9 (pos) P=1 R=1/2; .8 (neg); .7 (pos) P=2/3 R=1 -> AP = 1/2 + 1/2 * 2/3
+    assert average_precision([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(0.5 + 1 / 3)
+    # a tie of a positive and a negative at the top counts as one threshold: P = 1/2 there
+    assert average_precision([1, 0, 1], [0.9, 0.9, 0.1]) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
+    assert math.isnan(average_precision([0, 0], [0.1, 0.2]))
+
+
+def test_paired_bootstrap_by_hand():
+    labels = np.array([[1.0], [0.0], [1.0], [0.0]])
+    good, bad = np.array([[0.9], [0.1], [0.8], [0.2]]), np.array([[0.1], [0.9], [0.2], [0.8]])
+    patients = ["A", "B", "C", "D"]
+    same = paired_bootstrap((labels, good), (labels, good), patients, resamples=500)["metrics"]["macro_f1"]
+    assert (same["difference"], same["ci_low"], same["ci_high"], same["pvalue"]) == (0.0, 0.0, 0.0, 1.0)
+    # A right and B wrong on every patient: every resample with a positive has d = 1, the rest are
+    # NaN (no positive: no macro F1) and dropped; p = 2 (0 + 1) / (R' + 1) with R' finite differences
+    result = paired_bootstrap((labels, good), (labels, bad), patients, resamples=500)["metrics"]["macro_f1"]
+    reps = bootstrap_replicates(labels, good, patients, resamples=500)["macro_f1"]
+    finite = int(np.isfinite(reps).sum())
+    assert result["difference"] == 1.0 and result["ci_low"] == result["ci_high"] == 1.0
+    assert result["pvalue"] == pytest.approx(2 / (finite + 1))
+
+
+def test_paired_bootstrap_shares_the_draws():
+    """Two runs that differ on one scan: the paired interval of the difference is far narrower
+    than either run's own interval (it would not be if each run drew its own patients)."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random((200, 2)) < 0.4).astype(float)
+    prob_a = np.clip(labels * 0.4 + rng.random((200, 2)) * 0.6, 0, 1)
+    prob_b = prob_a.copy()
+    prob_b[0] = 1 - prob_b[0]
+    patients = np.arange(200).astype(str)
+    d = paired_bootstrap((labels, prob_a), (labels, prob_b), patients, resamples=400)["metrics"]["macro_f1"]
+    own = bootstrap_intervals(labels, prob_a, patients, ["a", "b"], resamples=400)["macro_f1"]
+    assert (d["ci_high"] - d["ci_low"]) < 0.25 * (own["ci_high"] - own["ci_low"])
+    assert d["ci_low"] <= d["difference"] <= d["ci_high"]

@@ -106,14 +106,25 @@ def test_drct1_run_and_evaluate_with_paired_ttest(run_dirs):
     result = runner.invoke(main, ["evaluate", str(run_dirs["drct2"]), "--compare", str(run_dirs["drct1"])])
     assert result.exit_code == 0, result.output
     metrics = json.loads((run_dirs["drct2"] / "metrics.json").read_text())
-    for key in ("macro_f1", "macro_precision", "macro_recall", "macro_auc", "macro_f1_fold_mean", "macro_f1_fold_std"):
-        assert key in metrics
-    assert set(metrics["per_class"]) == set(NAMES)
-    assert set(metrics["per_class"]["any"]) >= {"precision", "recall", "f1", "auc"}
-    assert len(metrics["per_fold"]) == 3
-    test = metrics["compare"]["tests"]["macro_f1"]
+    # the metrics file is the headline only: five macro figures, each with its interval, and n
+    figures = ("macro_precision", "macro_recall", "macro_f1", "macro_auc", "macro_ap")
+    assert set(metrics) == {"n", *figures, *(f"{k}_ci_low" for k in figures), *(f"{k}_ci_high" for k in figures)}
+    assert all(metrics[f"{k}_ci_low"] <= metrics[k] <= metrics[f"{k}_ci_high"] for k in figures)
+    details = json.loads((run_dirs["drct2"] / "metrics_details.json").read_text())
+    assert details["macro_f1"]["value"] == metrics["macro_f1"] and "fold_std" in details["macro_f1"]
+    assert set(details["per_class"]) == set(NAMES)
+    assert set(details["per_class"]["any"]) >= {"precision", "recall", "f1", "auc", "ap", "support"}
+    assert set(details["per_class"]["any"]["f1"]) >= {"value", "ci_low", "ci_high", "fold_mean", "fold_std"}
+    assert len(details["per_fold"]) == 3 and set(details["training_curves"]) == {"fold_0", "fold_1", "fold_2"}
+    assert set(details["calibration"]["per_class"]["any"]) >= {"ece", "brier", "count"}
+    compare = details["compare"]
+    test = compare["fold_ttest"]["macro_f1"]
     assert test["folds"] == [0, 1, 2] and "pvalue" in test
-    assert "paired t-test" in result.output
+    paired = compare["paired_bootstrap"]["metrics"]["macro_f1"]
+    assert paired["difference"] == pytest.approx(metrics["macro_f1"] - paired["b"])
+    assert paired["ci_low"] <= paired["ci_high"] and 0 < paired["pvalue"] <= 1
+    assert "paired t-test" in result.output and "paired patient bootstrap" in result.output
+    assert (run_dirs["drct2"] / "metrics_reliability.png").is_file()
 
 
 def test_provenance_refusal_names_the_field(cache_path, tmp_path):
