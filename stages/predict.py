@@ -194,8 +194,16 @@ def predict_folder(
         preds[key] = np.mean([np.asarray(o[key], np.float64) for o in outputs], axis=0)
     preds["aps_idx_per_fold"] = np.stack([np.asarray(o["aps_idx"], np.int64) for o in outputs])
     preds["aps_idx"] = ensemble_aps_idx(preds["slice_attention"], preds["aps_idx_per_fold"])
+    if threshold is None:  # per-class thresholds recorded by `drct evaluate RUN --threshold-from oof`
+        from pipeline.calibration import run_thresholds
+
+        threshold = run_thresholds(checkpoints[0].parent.parent, names)
+        if threshold is not None:
+            log(f"per-class thresholds from {checkpoints[0].parent.parent / 'thresholds.json'}: "
+                + ", ".join(f"{n} {t:.3f}" for n, t in zip(names, threshold)))
     if threshold is None:
         threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
+    report_threshold = threshold if np.ndim(threshold) == 0 else float((config.get("evaluate") or {}).get("threshold", 0.5))
     table = cache.table
     labels = [display_label(s, p, show_phi) for s, p in zip(table.scan_id, table.patient_id)]
     root = Path(dicom_dir)
@@ -228,7 +236,8 @@ def predict_folder(
     )
     (out_dir / "predictions.json").write_text(json.dumps(
         {"checkpoints": [str(c) for c in checkpoints], "ensemble": "mean of the fold probabilities" if len(checkpoints) > 1
-         else "single checkpoint", "label_names": names, "threshold": threshold,
+         else "single checkpoint", "label_names": names,
+         "threshold": threshold if np.ndim(threshold) == 0 else dict(zip(names, map(float, threshold))),
          "scans": [{"scan": label, "prob": dict(zip(names, map(float, preds["prob"][i])))} for i, label in enumerate(labels)]},
         indent=2))
     summary = {"predictions": str(csv_path), "n_scans": len(labels), "rejects": len(index.rejects)}
@@ -242,7 +251,7 @@ def predict_folder(
             slice_attention=preds["slice_attention"].astype(np.float64),
             feature_attention=preds["feature_attention"].astype(np.float32),
             label_names=names,
-            threshold=threshold,
+            threshold=report_threshold,  # the pages mark calls at one threshold (predictions.csv: per class)
             cache=cache,
             provenance=provenance,
             info={"checkpoints": ", ".join(str(c) for c in checkpoints),

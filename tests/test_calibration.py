@@ -85,3 +85,32 @@ def test_reliability_png(tmp_path):
     report = calibration_report((rng.random((50, 4)) < 0.3).astype(float), rng.random((50, 4)), list("abcd"))
     path = write_reliability_png(report, tmp_path / "r.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _fake_run(path, labels, prob, fold):
+    path.mkdir(parents=True)
+    n = len(labels)
+    (path / "run.json").write_text(json.dumps({"label_names": ["a"], "model": "drct1", "folds": 2}))
+    np.savez(path / "oof.npz", scan_id=np.array([f"s{i}" for i in range(n)]), patient_id=np.array([f"p{i}" for i in range(n)]),
+             fold=fold, labels=labels, prob=prob, prob_primary=prob, prob_aps=np.full_like(prob, np.nan))
+    return path
+
+
+def test_evaluate_threshold_from_oof_records_and_cross_fits(tmp_path):
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    labels = np.array([[1], [0], [1], [0]], float)
+    prob = np.array([[0.9], [0.2], [0.6], [0.7]])
+    run = _fake_run(tmp_path / "run", labels, prob, np.array([0, 0, 1, 1]))
+    result = CliRunner().invoke(main, ["evaluate", str(run), "--threshold-from", "oof", "--resamples", "200"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "thresholds.json").read_text())["thresholds"] == {"a": 0.6}  # picked on all rows
+    details = json.loads((run / "metrics_details.json").read_text())
+    # cross-fitted: fold 0 at 0.6 (from fold 1): TP .9, TN .2; fold 1 at 0.9 (from fold 0): FN .6, TN .7 -> F1 2/3
+    assert details["macro_f1"]["value"] == pytest.approx(2 / 3)
+    assert details["per_class"]["a"]["threshold"] == 0.6 and details["threshold"]["source"] == "oof"
+    # without the option: 0.5 for every class (TP .9, .6; FP .7) -> F1 4/5; thresholds.json stays for predict
+    result = CliRunner().invoke(main, ["evaluate", str(run), "--resamples", "200"])
+    assert json.loads((run / "metrics.json").read_text())["macro_f1"] == pytest.approx(0.8)

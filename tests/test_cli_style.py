@@ -154,6 +154,16 @@ def test_every_run_has_a_model_card(tmp_path):
     history = json.loads((tmp_path / "run" / "fold_0" / "history.json").read_text())
     assert f"{history[-1]['val_macro_f1']:.4f}" in card
     assert "untrained VGG16 (random:0)" in card and "not a diagnosis" in card.lower() or "never a diagnosis" in card
+    # calibration: each class's Brier score is sklearn's on the out-of-fold probabilities
+    import numpy as np
+    from sklearn.metrics import brier_score_loss
+
+    oof = np.load(tmp_path / "run" / "oof.npz")
+    names = json.loads((tmp_path / "run" / "run.json").read_text())["label_names"]
+    assert "## Calibration" in card
+    for c, name in enumerate(names):
+        row = next(line for line in card.splitlines() if line.startswith(f"| {name} | ") and line.count("|") == 4)
+        assert row.endswith(f"| {brier_score_loss(oof['labels'][:, c], oof['prob'][:, c]):.4f} |"), row
 
 
 def test_extract_real_rsna_with_scan_labels_only(real_data, tmp_path):

@@ -142,3 +142,30 @@ def test_ensemble_zooms_on_the_top_slices_of_the_mean_attention():
     np.testing.assert_array_equal(ensemble_aps_idx(attention, per_fold), [[1, 3]])
     drct1 = np.full((2, 1, 2), -1)
     np.testing.assert_array_equal(ensemble_aps_idx(attention, drct1), [[-1, -1]])
+
+
+def test_predict_uses_the_runs_recorded_thresholds(dicom_dir, tmp_path):
+    """RUN/thresholds.json (drct evaluate --threshold-from oof) sets each class's call; --threshold overrides it."""
+    from pipeline.calibration import write_thresholds
+
+    ckpt = _checkpoint(tmp_path / "run" / "fold_0" / "checkpoint.pt")
+    thresholds = np.array([0.0, 1.0, 0.0, 1.0, 0.0, 1.0])  # every probability is in (0, 1): calls 1, 0, 1, 0, ...
+    write_thresholds(tmp_path / "run", RSNA_LABELS, thresholds)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--checkpoint", str(ckpt), "--out", str(out),
+                                       "--device", "cpu", "--no-reports", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with open(out / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        assert [int(row[f"{n}_label"]) for n in RSNA_LABELS] == [1, 0, 1, 0, 1, 0]
+    assert json.loads((out / "predictions.json").read_text())["threshold"] == dict(zip(RSNA_LABELS, thresholds.tolist()))
+    result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--checkpoint", str(ckpt), "--out", str(out),
+                                       "--device", "cpu", "--no-reports", "--no-progress", "--threshold", "0.5"])
+    with open(out / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert all([int(r[f"{n}_label"]) for n in RSNA_LABELS] == [int(float(r[n]) >= 0.5) for n in RSNA_LABELS] for r in rows)
+    (tmp_path / "run" / "thresholds.json").write_text('{"thresholds": {"any": 0.3}}')
+    result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--checkpoint", str(ckpt), "--out", str(out),
+                                       "--device", "cpu", "--no-reports", "--no-progress"])
+    assert result.exit_code != 0 and "not a thresholds file" in result.output

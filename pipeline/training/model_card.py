@@ -48,6 +48,27 @@ def limits(config: dict, info: dict) -> list[str]:
     return notes
 
 
+def calibration_lines(labels: np.ndarray, prob: np.ndarray, names: list[str]) -> list[str]:
+    """The card's calibration table: expected calibration error and Brier score per class of the
+    out-of-fold probabilities (pipeline/calibration.py; `drct evaluate` draws the reliability diagram)."""
+    from pipeline.calibration import BINS, calibration_report
+
+    if not len(labels):
+        return []
+    report = calibration_report(labels, prob, names)
+    rows = [f"| {n} | {_fmt(r['ece'])} | {_fmt(r['brier'])} |" for n, r in report["per_class"].items()]
+    return [
+        "## Calibration",
+        (f"Out-of-fold probabilities, {BINS} equal-width bins: expected calibration error (ECE) and Brier score "
+         f"per class; macro ECE {_fmt(report['macro_ece'])}, macro Brier {_fmt(report['macro_brier'])}. "
+         "`drct evaluate` draws the reliability diagram (metrics_reliability.png)."),
+        "",
+        "| class | ECE | Brier |",
+        "| --- | --- | --- |",
+        *rows,
+    ]
+
+
 def write_model_card(out_dir: str | Path, config: dict, info: dict, histories: dict[int, list[dict]],
                      labels: np.ndarray, prob: np.ndarray, fold: np.ndarray, threshold: float | None = None) -> Path:
     """Write OUT/MODEL_CARD.md from the run's config, run.json content, per-fold histories and
@@ -102,6 +123,8 @@ def write_model_card(out_dir: str | Path, config: dict, info: dict, histories: d
         (f"Out-of-fold, all folds pooled, threshold {threshold:g}: macro-F1 {_fmt(pooled.get('macro_f1'))}, "
         f"macro precision {_fmt(pooled.get('macro_precision'))}, macro recall {_fmt(pooled.get('macro_recall'))}, "
         f"macro-AUC {_fmt(pooled.get('macro_auc'))}."),
+        "",
+        *calibration_lines(labels, prob, names),
         "",
         "## Intended use",
         INTENDED_USE,
