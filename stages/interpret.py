@@ -29,9 +29,17 @@ def macro_f1(labels: np.ndarray, prob: np.ndarray, threshold: float) -> float:
     return classification_metrics(labels, np.asarray(prob, np.float64), names, threshold)["macro_f1"]
 
 
-def _run_meta(run_dir: Path) -> tuple[dict, dict]:
+def _run_meta(run_dir: Path, allow_partial: bool = False) -> tuple[dict, dict]:
+    """run.json and config.yaml of a run; an incomplete or mixed run is refused
+    (`pipeline.training.rundir.check_run`)."""
     import yaml
 
+    from pipeline.training.rundir import RunError, check_run
+
+    try:
+        check_run(run_dir, allow_partial=allow_partial)
+    except RunError as exc:
+        raise click.ClickException(str(exc)) from None
     meta_path = run_dir / "run.json"
     if not meta_path.is_file() or not (run_dir / "oof.npz").is_file():
         raise click.ClickException(f"{run_dir}: run.json or oof.npz missing; is it a finished `drct train` run?")
@@ -42,7 +50,8 @@ def _run_meta(run_dir: Path) -> tuple[dict, dict]:
 
 
 def interpret_run(
-    run_dir: str | Path, cache_path: str | Path | None = None, k: int = 5, out_dir: str | Path | None = None
+    run_dir: str | Path, cache_path: str | Path | None = None, k: int = 5, out_dir: str | Path | None = None,
+    allow_partial: bool = False,
 ) -> dict:
     """Compute interpret.json and the plots of one run into `out_dir` (default: the run dir);
     returns the JSON content."""
@@ -50,7 +59,7 @@ def interpret_run(
     from pipeline import interpret, plots
 
     run_dir = Path(run_dir)
-    meta, config = _run_meta(run_dir)
+    meta, config = _run_meta(run_dir, allow_partial)
     cache_file = Path(cache_path or meta["cache"])
     if not cache_file.is_absolute() and not cache_file.exists():
         cache_file = run_dir / cache_file
@@ -131,8 +140,10 @@ def train_sweep(run_dir: str | Path, m_keys: list[int], epochs: int | None = Non
                    "the train stage's run dir.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML config for report.top_k (the k of Algorithm 1).")
+@click.option("--allow-partial", is_flag=True,
+              help="Evaluate an incomplete run (stopped before its last fold) on its finished folds.")
 @set_option
-def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_dir, config_path, settings):
+def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_dir, config_path, allow_partial, settings):
     """Key-slice evaluation of a run: Algorithm 1, Tables 5-6, Figs. 5-7.
 
     \b
@@ -149,7 +160,7 @@ def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_di
 
         out_dir = Path(out_dir or run_dir)
         top_k = int(load_stage_config(config_path, {}, settings)["report"]["top_k"])
-        result = interpret_run(run_dir, cache_path, k=top_k, out_dir=out_dir)
+        result = interpret_run(run_dir, cache_path, k=top_k, out_dir=out_dir, allow_partial=allow_partial)
         if train_m_keys:
             try:
                 m_keys = [int(v) for v in str(train_m_keys).split(",") if v.strip()]

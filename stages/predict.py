@@ -46,13 +46,20 @@ def check_encoder_provenance(checkpoint_provenance: dict, extract_config: dict, 
         )
 
 
-def run_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The fold checkpoints of a `drct train` run directory, in fold order."""
+def run_checkpoints(run_dir: str | Path, allow_partial: bool = False) -> list[Path]:
+    """The fold checkpoints of a `drct train` run directory, in fold order. An incomplete run (stopped,
+    killed or still training; or a fold checkpoint missing) is refused naming the missing folds unless
+    `allow_partial`, and a mixed one always (`pipeline.training.rundir.check_run`)."""
+    from pipeline.training.rundir import RunError, check_run
+
     run_dir = Path(run_dir)
-    found = sorted(run_dir.glob("fold_*/checkpoint.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
-    if not found:
+    try:
+        state = check_run(run_dir, allow_partial=allow_partial, need_checkpoints=True)
+    except RunError as exc:
+        raise PredictError(str(exc)) from None
+    if not state.checkpoints:
         raise PredictError(f"{run_dir}: no fold_<k>/checkpoint.pt; is it a finished `drct train` run directory?")
-    return found
+    return state.checkpoints
 
 
 def load_ensemble(checkpoints: list[Path]):
@@ -271,6 +278,8 @@ def predict_folder(
               help="A `drct train` run directory: predict with the ensemble of its fold checkpoints (mean probability).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Or one fold checkpoint (RUN_DIR/fold_<k>/checkpoint.pt) alone.")
+@click.option("--allow-partial", is_flag=True,
+              help="With --run: use an incomplete run (stopped before its last fold) with its finished folds.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--weights", default=None, help="Encoder weights to use instead of the checkpoint's spec, e.g. a local "
                                               "vgg16 .pth on an offline machine (must give the same digest).")
@@ -281,8 +290,8 @@ def predict_folder(
 @click.option("--show-phi", is_flag=True, help="Show patient identifiers in reports and CSV (off by default).")
 @progress_option
 @click.option("--keep-ids", is_flag=True, help="Keep scan and patient ids verbatim (de-identified data); default: keyed pseudonyms.")
-def predict(dicom_dir, run_dir, checkpoint, out_dir, weights, device, workers, threshold, no_reports, show_phi, progress,
-            keep_ids):
+def predict(dicom_dir, run_dir, checkpoint, allow_partial, out_dir, weights, device, workers, threshold, no_reports,
+            show_phi, progress, keep_ids):
     """Predict new scans from a folder of DICOM series (one scan per SeriesInstanceUID).
 
     \b
@@ -294,7 +303,9 @@ def predict(dicom_dir, run_dir, checkpoint, out_dir, weights, device, workers, t
     per rejected file: status=rejected and the reason), predictions.json/.npz (with slice and
     feature attention) and OUT/reports/index.html + one report per scan. A checkpoint whose
     encoder provenance (weights digest, resolutions, windows, aps_source, preprocessing) does
-    not match the encoder here is refused.
+    not match the encoder here is refused, and so is an incomplete run (RUN_DIR/incomplete.json:
+    stopped before its last fold; the missing folds are named) unless --allow-partial, or a run
+    whose fold checkpoints differ in model, label names or extraction settings.
     """
     from cache.store import CacheError
     from pipeline.features.encoder import EncoderError
@@ -304,7 +315,7 @@ def predict(dicom_dir, run_dir, checkpoint, out_dir, weights, device, workers, t
     if bool(run_dir) == bool(checkpoint):
         raise StageError("give --run RUN_DIR (fold ensemble) or --checkpoint CKPT (one model)")
     try:
-        checkpoints = run_checkpoints(run_dir) if run_dir else checkpoint
+        checkpoints = run_checkpoints(run_dir, allow_partial) if run_dir else checkpoint
         summary = predict_folder(dicom_dir, checkpoints, out_dir, weights=weights, device=device, workers=workers,
                                  reports=not no_reports, show_phi=show_phi, threshold=threshold, progress=progress,
                                  keep_ids=keep_ids,

@@ -19,9 +19,12 @@ from stages.options import load_stage_config, progress_option, set_option
 @click.option("--show-phi", is_flag=True, help="Show PatientName/PatientID/PatientBirthDate and real scan ids (off by default).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML config for the report section (top_k, thumb_size, display_size).")
+@click.option("--allow-partial", is_flag=True,
+              help="Report an incomplete run (stopped before its last fold): the scans of its finished folds.")
 @set_option
 @progress_option
-def report(run_dir, out_dir, scans, cache_path, data_root, threshold, show_phi, config_path, settings, progress):
+def report(run_dir, out_dir, scans, cache_path, data_root, threshold, show_phi, config_path, allow_partial, settings,
+           progress):
     """Write a self-contained HTML page and a PNG per scan, plus a sortable index.html.
 
     \b
@@ -37,7 +40,7 @@ def report(run_dir, out_dir, scans, cache_path, data_root, threshold, show_phi, 
     from pipeline.report.build import ReportError, load_run_source, write_reports
 
     try:
-        source = load_run_source(run_dir, cache_path=cache_path, threshold=threshold)
+        source = load_run_source(run_dir, cache_path=cache_path, threshold=threshold, allow_partial=allow_partial)
         source.data_root = data_root
         sizes = load_stage_config(config_path, {}, settings)["report"]
         summary = write_reports(source, out_dir, scan_ids=list(scans), show_phi=show_phi, sizes=sizes,

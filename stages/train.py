@@ -68,7 +68,10 @@ def train(config_path, cache_path, out_dir, model, preset, epochs, folds, fold, 
     \b
     Writes OUT/config.yaml, OUT/run.json, OUT/fold_<k>/checkpoint.pt, OUT/fold_<k>/history.json
     and OUT/oof.npz (out-of-fold predictions, slice and feature attentions); then run
-    `drct evaluate OUT`.
+    `drct evaluate OUT`. OUT.lock is held while writing (a second train into OUT stops).
+    SIGTERM/SIGINT or a full disk stop it cleanly: finished folds are kept, OUT/incomplete.json
+    marks the run (predict/evaluate/report/interpret refuse it unless --allow-partial), and the
+    same command again resumes at the first unfinished fold.
 
     \b
     Ablations (paper): --model drct1 (no APS, Table 3); --set model.aps_selection=random
@@ -85,6 +88,7 @@ def train(config_path, cache_path, out_dir, model, preset, epochs, folds, fold, 
 
     from cache.store import CacheError, FeatureCache
     from pipeline.training.folds import FoldError
+    from pipeline.training.interrupt import TrainingInterrupted
     from pipeline.training.trainer import TrainingError, run_training
 
     logger = None
@@ -101,6 +105,9 @@ def train(config_path, cache_path, out_dir, model, preset, epochs, folds, fold, 
                             on_epoch=logger)
     except (CacheError, TrainingError, FoldError, ValueError, OSError) as exc:
         raise StageError(str(exc)) from None
+    except TrainingInterrupted as exc:  # SIGTERM/SIGINT: one line, exit 128 + the signal number
+        click.echo(f"drct train: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
     finally:
         if logger is not None:
             logger.close()

@@ -21,12 +21,12 @@ OVERRIDES = {"extract.resolutions": [32, 64], "extract.weights": "random:0", "ex
              "sampler.m": 6, "model.m_key": 3, "model.gru_hidden": 8, "model.fc_hidden": [16, 8]}
 
 
-def _checkpoint(path, **provenance_changes):
-    config = load_config(None, OVERRIDES)
+def _checkpoint(path, fold=0, folds=5, **provenance_changes):
+    config = load_config(None, {**OVERRIDES, "train.folds": folds})
     provenance = {**config_provenance(config["extract"]), "weights_digest": load_encoder("random:0")[1]}
     provenance.update(provenance_changes)
     model = build_model(config, len(RSNA_LABELS))
-    return save_checkpoint(path, model, config, provenance, RSNA_LABELS, fold=0)
+    return save_checkpoint(path, model, config, provenance, RSNA_LABELS, fold=fold)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_predict_run_uses_the_fold_ensemble_and_lists_rejects(dicom_dir, tmp_pat
     run = tmp_path / "run"
     for fold in (0, 1):
         torch.manual_seed(fold + 10)
-        _checkpoint(run / f"fold_{fold}" / "checkpoint.pt")
+        _checkpoint(run / f"fold_{fold}" / "checkpoint.pt", fold=fold, folds=2)  # the two folds of a 2-fold run
     data = tmp_path / "dicom"
     shutil.copytree(dicom_dir, data)
     (data / "a" / "broken.dcm").write_bytes(b"not a dicom file")
@@ -103,6 +103,18 @@ def test_predict_run_uses_the_fold_ensemble_and_lists_rejects(dicom_dir, tmp_pat
     np.testing.assert_allclose(probs["run"], (probs["f0"] + probs["f1"]) / 2, atol=2e-6)
     meta = json.loads((tmp_path / "out_run" / "predictions.json").read_text())
     assert len(meta["checkpoints"]) == 2 and meta["ensemble"].startswith("mean")
+    # a fold deleted (or never trained): the run is refused, naming it, unless --allow-partial
+    shutil.rmtree(run / "fold_1")
+    refused = CliRunner().invoke(main, ["predict", str(data), "--run", str(run), "--out", str(tmp_path / "o2"),
+                                        "--device", "cpu", "--no-reports", "--no-progress"])
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert "incomplete `drct train` run (fold checkpoints deleted): fold(s) 1 of 0, 1 missing" in refused.output
+    assert not (tmp_path / "o2" / "features.h5").exists()
+    partial = CliRunner().invoke(main, ["predict", str(data), "--run", str(run), "--allow-partial", "--out",
+                                        str(tmp_path / "o3"), "--device", "cpu", "--no-reports", "--no-progress"])
+    assert partial.exit_code == 0, partial.output
+    assert json.loads((tmp_path / "o3" / "predictions.json").read_text())["checkpoints"] == \
+        [str(run / "fold_0" / "checkpoint.pt")]
 
 
 def test_predict_needs_run_or_checkpoint(dicom_dir, tmp_path):

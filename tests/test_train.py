@@ -4,6 +4,13 @@ refusal, checkpoints, ablation options, and that the heads learn a planted signa
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +22,7 @@ from cache.store import FeatureCache
 from pipeline.config import load_config
 from pipeline.training.checkpoint import load_model
 from pipeline.training.dataset import CachedFeatures
+from pipeline.training.interrupt import TrainingInterrupted
 from pipeline.training.synthetic import write_synthetic_cache
 from pipeline.training.trainer import predict_scans, run_training
 from stages.cli import main
@@ -202,3 +210,166 @@ def test_preset_drct2_paper_trains_with_the_papers_settings(cache_path, tmp_path
     items = [d["item"] for d in json.loads((out / "run.json").read_text())["departures_from_paper"]]
     assert items == ["epochs"]
     assert "- epochs: paper 100" in (out / "MODEL_CARD.md").read_text()
+
+
+# -- issue 16: one writer per run, clean stops, resume, mixed checkpoints ------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _train_process(cache_path, out, pause, epochs=2):
+    """`drct train` in a child process, sleeping `pause` s after each epoch (DRCT_EPOCH_PAUSE)."""
+    env = {**os.environ, "DRCT_EPOCH_PAUSE": str(pause), "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "stages.cli", "train", "--cache", str(cache_path), "--out", str(out),
+                             "--model", "drct2", "--epochs", str(epochs), "--quiet", *SETS], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, process, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _fold_committed(out, fold):
+    def done():
+        try:
+            return fold in set(np.load(out / "oof.npz")["fold"])
+        except (OSError, ValueError, KeyError, EOFError):
+            return False
+    return done
+
+
+def _files(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_second_train_into_a_running_run_is_refused_and_the_first_finishes_intact(cache_path, tmp_path):
+    out = tmp_path / "run"
+    first = _train_process(cache_path, out, 1.5, epochs=1)
+    _wait_for(lambda: (out / "run.json").is_file(), first)
+    before = _files(out)
+    second = CliRunner().invoke(main, ["train", "--cache", str(cache_path), "--out", str(out), "--model", "drct1",
+                                       "--epochs", "1", "--quiet", *SETS])
+    assert first.poll() is None, "the first train ended before the second started: no overlap tested"
+    assert second.exit_code == 2, second.output
+    assert f"another `drct train` is writing {out} (lock {out}.lock is held)" in second.output
+    assert "Traceback" not in second.output
+    assert (out / "run.json").read_bytes() == before["run.json"]  # the second train wrote nothing
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert json.loads((out / "run.json").read_text())["model"] == "drct2"
+    assert not (out / "incomplete.json").exists()
+    assert sorted(p.parent.name for p in out.glob("fold_*/checkpoint.pt")) == ["fold_0", "fold_1", "fold_2"]
+    assert all(load_model(out / f"fold_{k}" / "checkpoint.pt")[1]["model"]["name"] == "drct2" for k in range(3))
+    assert set(np.load(out / "oof.npz")["fold"]) == {0, 1, 2}
+
+
+def test_sigterm_stops_cleanly_readers_refuse_and_a_rerun_resumes(cache_path, run_dirs, tmp_path):
+    out = tmp_path / "run"
+    process = _train_process(cache_path, out, 0.4)
+    _wait_for(_fold_committed(out, 0), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if "stopped by" in line]
+    assert lines == [(f"drct train: stopped by SIGTERM during fold 1: fold 1 discarded, fold(s) 0 kept; {out} is marked "
+                      "incomplete (incomplete.json): run the same command again to resume at fold 1")], stderr
+    assert (out / "incomplete.json").is_file() and (out / "fold_0" / "checkpoint.pt").is_file()
+    assert not (out / "fold_1" / "checkpoint.pt").exists() and not list(out.rglob("*.tmp"))
+    assert set(np.load(out / "oof.npz")["fold"]) == {0}
+    fold0 = (out / "fold_0" / "checkpoint.pt").read_bytes()
+
+    runner = CliRunner()
+    predicted = runner.invoke(main, ["predict", str(tmp_path), "--run", str(out), "--out", str(tmp_path / "p")])
+    assert predicted.exit_code != 0 and "Traceback" not in predicted.output
+    assert f"{out} is an incomplete `drct train` run" in predicted.output
+    assert "fold(s) 1, 2 of 0, 1, 2 missing" in predicted.output and "--allow-partial" in predicted.output
+    assert not (tmp_path / "p" / "features.h5").exists()
+    for command in (["evaluate", str(out)], ["interpret", str(out)],
+                    ["report", str(out), "--out", str(tmp_path / "rep")]):
+        refused = runner.invoke(main, command)
+        assert refused.exit_code != 0 and "fold(s) 1, 2 of 0, 1, 2 missing" in refused.output, (command, refused.output)
+    partial = runner.invoke(main, ["evaluate", str(out), "--allow-partial", "--out", str(tmp_path / "m.json")])
+    assert partial.exit_code == 0, partial.output
+    assert "partial run: fold(s) 1, 2 missing" in partial.output
+
+    resumed = runner.invoke(main, ["train", "--cache", str(cache_path), "--out", str(out), "--model", "drct2",
+                                   "--epochs", "2", "--quiet", *SETS])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming {out} at fold 1: fold(s) 0 kept from the interrupted run" in resumed.output
+    assert (out / "fold_0" / "checkpoint.pt").read_bytes() == fold0 and not (out / "incomplete.json").exists()
+    # the resumed run is the uninterrupted one
+    a, b = np.load(out / "oof.npz"), np.load(run_dirs["drct2"] / "oof.npz")
+    for key in b.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert runner.invoke(main, ["evaluate", str(out), "--out", str(tmp_path / "m2.json")]).exit_code == 0
+
+
+def test_sigint_between_epochs_discards_the_fold_and_resumes(cache_path, tmp_path):
+    config = small_config(**{"train.epochs": 1})
+
+    def interrupt(fold, epoch, record):
+        if fold == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted) as info:
+        run_training(config, cache_path, tmp_path / "run", progress=False, log=lambda s: None, on_epoch=interrupt)
+    assert info.value.exit_code == 130 and info.value.message.startswith("stopped by SIGINT during fold 1: ")
+    assert signal.getsignal(signal.SIGINT) is not None  # handlers restored
+    marker = json.loads((tmp_path / "run" / "incomplete.json").read_text())
+    assert marker["folds_run"] == [0, 1, 2] and marker["state"] == "stopped by SIGINT during fold 1"
+    assert [p.parent.name for p in (tmp_path / "run").glob("fold_*/checkpoint.pt")] == ["fold_0"]
+    logs = []
+    run_training(config, cache_path, tmp_path / "run", progress=False, log=logs.append)
+    assert any("at fold 1: fold(s) 0 kept" in line for line in logs)
+    assert set(np.load(tmp_path / "run" / "oof.npz")["fold"]) == {0, 1, 2}
+    # other settings: the interrupted run is not resumed but started over
+    with pytest.raises(TrainingInterrupted):
+        run_training(config, cache_path, tmp_path / "other", progress=False, log=lambda s: None, on_epoch=interrupt)
+    logs = []
+    run_training(small_config(**{"train.epochs": 1, "train.seed": 3}), cache_path, tmp_path / "other", progress=False,
+                 log=logs.append)
+    assert any("interrupted run with other settings or data: starting it over" in line for line in logs)
+    assert not any("resuming" in line for line in logs)
+
+
+def _mutate_checkpoint(path, change):
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("drct1", "fold_1/checkpoint.pt differs from fold_0/checkpoint.pt in model.name 'drct1' vs 'drct2'"),
+    ("labels", "fold_1/checkpoint.pt differs from fold_0/checkpoint.pt in label names"),
+    ("extraction", "fold_1/checkpoint.pt differs from fold_0/checkpoint.pt in extraction setting windows"),
+    ("fold0", "fold_0/checkpoint.pt does not belong to this run (run.json): it differs in model.name 'drct1' vs 'drct2'"),
+    ("extra", "fold_3/checkpoint.pt is not a fold of this run (folds 0, 1, 2)"),
+])
+def test_mixed_checkpoints_are_refused_by_every_reader(run_dirs, tmp_path, kind, message):
+    run = tmp_path / "run"
+    shutil.copytree(run_dirs["drct2"], run)
+    target = run / "fold_1" / "checkpoint.pt"
+    if kind == "drct1":
+        shutil.copy(run_dirs["drct1"] / "fold_1" / "checkpoint.pt", target)
+    elif kind == "labels":
+        _mutate_checkpoint(target, lambda p: p.update(label_names=["any", "fracture", "bleed"]))
+    elif kind == "extraction":
+        _mutate_checkpoint(target, lambda p: p["provenance"].update(windows=[[40.0, 80.0]]))
+    elif kind == "fold0":
+        shutil.copy(run_dirs["drct1"] / "fold_0" / "checkpoint.pt", run / "fold_0" / "checkpoint.pt")
+    else:
+        (run / "fold_3").mkdir()
+        shutil.copy(run_dirs["drct1"] / "fold_1" / "checkpoint.pt", run / "fold_3" / "checkpoint.pt")
+    runner = CliRunner()
+    for command in (["predict", str(tmp_path), "--run", str(run), "--out", str(tmp_path / "p")],
+                    ["evaluate", str(run), "--out", str(tmp_path / "m.json")], ["interpret", str(run)],
+                    ["report", str(run), "--out", str(tmp_path / "rep")]):
+        for extra in ([], ["--allow-partial"]):  # mixing is never allowed
+            result = runner.invoke(main, [*command, *extra])
+            assert result.exit_code != 0 and message in result.output, (command, result.output)
+            assert "Traceback" not in result.output
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "p" / "features.h5").exists()

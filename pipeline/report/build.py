@@ -119,9 +119,17 @@ def _resolve(path_like: str, base: Path) -> Path:
     return base / path
 
 
-def load_run_source(run_dir: str | Path, cache_path: str | Path | None = None, threshold: float | None = None) -> ReportSource:
-    """A run directory (run.json + oof.npz, see stages/train) -> ReportSource."""
+def load_run_source(run_dir: str | Path, cache_path: str | Path | None = None, threshold: float | None = None,
+                    allow_partial: bool = False) -> ReportSource:
+    """A run directory (run.json + oof.npz, see stages/train) -> ReportSource. An incomplete or
+    mixed run is refused (`pipeline.training.rundir.check_run`)."""
+    from pipeline.training.rundir import RunError, check_run
+
     run_dir = Path(run_dir)
+    try:
+        check_run(run_dir, allow_partial=allow_partial)
+    except RunError as exc:
+        raise ReportError(str(exc)) from None
     meta_path, oof_path = run_dir / "run.json", run_dir / "oof.npz"
     for required in (meta_path, oof_path):
         if not required.is_file():

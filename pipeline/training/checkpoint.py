@@ -8,6 +8,7 @@ vectors of another encoder: see pipeline.features.provenance).
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from pipeline.heads.build import build_model
 from pipeline.heads.drct2 import DrCT
+from pipeline.training.rundir import atomic_write_bytes
 
 CHECKPOINT_FORMAT = 1
 
@@ -30,8 +32,10 @@ def _plain(value):
 
 
 def save_checkpoint(path: str | Path, model: DrCT, config: dict, provenance: dict, label_names, fold: int | None) -> Path:
+    """Serialised in memory, then written atomically (`rundir.atomic_write_bytes`): a full disk is
+    one `cache.store.DiskSpaceError` naming the folder and the size, never a torch stream error,
+    and no ``checkpoint.pt.tmp`` is left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -41,10 +45,9 @@ def save_checkpoint(path: str | Path, model: DrCT, config: dict, provenance: dic
         "label_names": [str(n) for n in label_names],
         "fold": None if fold is None else int(fold),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return atomic_write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: str | Path) -> dict:

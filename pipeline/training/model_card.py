@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.training.rundir import atomic_write_text
+
 INTENDED_USE = (
     "Research and reproduction of DrCT2 (weakly supervised brain-CT classification with zoom-in attention); "
     "as decision support, a second look that points a radiologist to slices. Not a medical device, "
@@ -134,5 +136,5 @@ def write_model_card(out_dir: str | Path, config: dict, info: dict, histories: d
         "",
     ]
     path = out / "MODEL_CARD.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines))
     return path

@@ -226,17 +226,14 @@ def check_run(run_dir: str | Path, allow_partial: bool = False, need_checkpoints
             break
     if folds is None:
         folds = _config_folds(run_dir)
+    if folds is not None:
+        _refuse_extra_folds(run_dir, present, folds)
     payloads = _check_checkpoints(run_dir, present, info)
     if folds is None and payloads:
         folds = _folds_of_train((next(iter(payloads.values())).get("config") or {}).get("train") or {})
     if folds is None:
         folds = sorted(present)
-    extra = sorted(set(present) - set(folds))
-    if extra:
-        raise MixedRun(
-            f"{run_dir}: fold_{extra[0]}/{CHECKPOINT} is not a fold of this run (folds {folds_text(folds)}): "
-            "it comes from another run; remove it, or train into a new directory"
-        )
+    _refuse_extra_folds(run_dir, present, folds)
     finished = sorted(set(finished_folds(run_dir)) & set(folds)) if marker is not None else sorted(present)
     missing = sorted(set(folds) - set(finished)) if (marker is not None or need_checkpoints) else []
     incomplete = marker is not None or bool(missing)
@@ -253,6 +250,15 @@ def check_run(run_dir: str | Path, allow_partial: bool = False, need_checkpoints
         )
     return RunState(run_dir, folds, finished, missing, incomplete,
                     [present[k] for k in finished if k in present])
+
+
+def _refuse_extra_folds(run_dir: Path, present: dict[int, Path], folds: list[int]) -> None:
+    extra = sorted(set(present) - set(folds))
+    if extra:
+        raise MixedRun(
+            f"{run_dir}: fold_{extra[0]}/{CHECKPOINT} is not a fold of this run (folds {folds_text(folds)}): "
+            "it comes from another run; remove it, or train into a new directory"
+        )
 
 
 def _differences(a: dict, b: dict) -> list[str]:

@@ -7,7 +7,13 @@ Run directory::
     config.yaml   the merged config          run.json   cache, provenance, labels, folds, resolutions
     MODEL_CARD.md data, folds, metrics, intended use and limits (pipeline/training/model_card.py)
     fold_<k>/checkpoint.pt, fold_<k>/history.json
-    oof.npz       out-of-fold predictions with slice and feature attentions (see write_oof)
+    oof.npz       out-of-fold predictions with slice and feature attentions (see write_oof), rewritten
+                  after each fold with the folds finished so far
+    incomplete.json  only while the run is unfinished (training, stopped, killed): see rundir.py
+
+RUN_DIR.lock beside it is held while a train writes (one writer). A stopped run (SIGTERM, SIGINT,
+a full disk) keeps its finished folds and resumes at the first unfinished one when the same
+command runs again (pipeline/training/rundir.py).
 
 The checkpoint of a fold is the model after the last epoch (the paper trains a fixed 100
 epochs; choosing the best epoch on the validation fold would bias the out-of-fold metrics).
@@ -15,6 +21,7 @@ epochs; choosing the best epoch on the validation fold would bias the out-of-fol
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -27,6 +34,8 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from cache import store
+from cache.lock import OutputLock
 from cache.store import FeatureCache
 from pipeline.departures import departures
 from pipeline.features.provenance import config_provenance, provenance_differences
@@ -34,12 +43,16 @@ from pipeline.heads.build import build_model, is_baseline, predict
 from pipeline.heads.drct2 import DrCT
 from pipeline.heads.pooled_logistic import PooledLogistic, pooled_vectors
 from pipeline.metrics import classification_metrics
+from pipeline.training import rundir
 from pipeline.training.checkpoint import save_checkpoint
 from pipeline.training.dataset import CachedFeatures
 from pipeline.training.folds import assign_folds, patients_split_across_folds, read_folds_file
+from pipeline.training.interrupt import StopOnSignal, TrainingInterrupted, signal_name
 from pipeline.training.losses import DrCTLoss
 from pipeline.training.model_card import write_model_card
 from pipeline.training.sampler import TRAIN_PHASES, epoch_plan, eval_positions, sample_positions
+
+EPOCH_PAUSE_ENV = "DRCT_EPOCH_PAUSE"  # seconds to sleep after each epoch (kill-and-resume tests only)
 
 
 class TrainingError(ValueError):
@@ -293,6 +306,8 @@ def train_fold(model, data: CachedFeatures, train_scans: np.ndarray, val_scans: 
                         **attention_spread(preds)})
         if on_epoch is not None:
             on_epoch(fold, epoch, history[-1])
+        if EPOCH_PAUSE_ENV in os.environ:  # bench/soak.py and the tests: time to stop a run mid-fold
+            time.sleep(float(os.environ[EPOCH_PAUSE_ENV] or 0))
     return history
 
 
@@ -319,9 +334,8 @@ def fit_pooled_logistic(model: PooledLogistic, data: CachedFeatures, train_scans
 
 
 def write_oof(path: Path, data: CachedFeatures, scans: np.ndarray, fold: np.ndarray, preds: dict) -> Path:
-    """oof.npz: one row per evaluated scan (no pickles; strings as unicode arrays)."""
-    np.savez(
-        path,
+    """oof.npz: one row per evaluated scan (no pickles; strings as unicode arrays); written atomically."""
+    return rundir.atomic_write_bytes(path, rundir.npz_bytes(
         scan_id=np.asarray([str(s) for s in data.scan_id[scans]], dtype=str),
         patient_id=np.asarray([str(p) for p in data.patient_id[scans]], dtype=str),
         cache_index=np.asarray(scans, np.int64),
@@ -334,8 +348,7 @@ def write_oof(path: Path, data: CachedFeatures, scans: np.ndarray, fold: np.ndar
         slice_attention=preds["slice_attention"].astype(np.float32),
         feature_attention=preds["feature_attention"].astype(np.float16),
         aps_idx=preds["aps_idx"].astype(np.int64),
-    )
-    return path
+    ))
 
 
 def run_training(
@@ -349,23 +362,106 @@ def run_training(
     """Cross-validated training as configured; writes and returns run.json's content.
 
     `on_epoch(fold, epoch, record)` is called after each epoch with the history record (losses,
-    val_macro_f1, val_macro_auc): the hook the dvclive logger (pipeline/training/live.py) uses."""
+    val_macro_f1, val_macro_auc): the hook the dvclive logger (pipeline/training/live.py) uses.
+
+    RUN_DIR is locked while written, marked incomplete until the last fold is written, and an
+    interrupted run of the same settings resumes at its first unfinished fold
+    (pipeline/training/rundir.py). SIGTERM/SIGINT raise `TrainingInterrupted` with a one-line
+    message once RUN_DIR is whole again; a full disk raises `cache.store.DiskSpaceError`."""
     t = config["train"]
     if t.get("threads"):
         torch.set_num_threads(int(t["threads"]))
-    cache = FeatureCache(cache_path)
-    check_provenance(cache, config)
-    check_adaptation_overlap(cache)
-    res = resolutions(config, cache)
-    names = list(cache.label_names)
-    if not names:
-        raise TrainingError(f"cache {cache.path} has no label names (a folder-layout cache cannot be trained on)")
-    device = resolve_device(t["device"])
+    with StopOnSignal() as stop:
+        try:
+            cache = FeatureCache(cache_path)
+        except TrainingInterrupted as exc:
+            raise TrainingInterrupted(exc.signum, f"stopped by {signal_name(exc.signum)} before training started; "
+                                                  f"{out_dir} was not changed") from None
+        try:
+            check_provenance(cache, config)
+            check_adaptation_overlap(cache)
+            res = resolutions(config, cache)
+            names = list(cache.label_names)
+            if not names:
+                raise TrainingError(f"cache {cache.path} has no label names (a folder-layout cache cannot be trained on)")
+            device = resolve_device(t["device"])
+            build_model(config, len(names))  # fail on a bad model config before loading the cache
+            lock = OutputLock(out_dir, "drct train").acquire()  # one writer per run directory, as in `drct extract`
+            try:
+                return _train_locked(config, cache, cache_path, Path(out_dir), res, names, device, progress, log,
+                                     on_epoch, stop)
+            finally:
+                lock.release()
+        except TrainingInterrupted as exc:
+            if exc.message.startswith(f"stopped by {signal_name(exc.signum)} "):
+                raise
+            raise TrainingInterrupted(exc.signum, f"stopped by {signal_name(exc.signum)} before training started; "
+                                                  f"{out_dir} was not changed") from None
+        finally:
+            cache.close()
+
+
+def run_key(config: dict, provenance: dict, names: list[str], scan_ids, fold_of: np.ndarray, folds_run: list[int]) -> str:
+    """What a resumed run must share with the interrupted one: every setting that changes a fold's
+    model (sampler, model, train but its output folder, thread count and fold choice, which
+    `folds_run` covers; the evaluate threshold of the logged validation F1), the cache's
+    provenance, the label names and the fold of every labelled scan."""
+    train = {key: value for key, value in config["train"].items() if key not in ("out", "threads", "fold")}
+    content = {"sampler": config["sampler"], "model": config["model"], "train": train,
+               "evaluate": config.get("evaluate"), "provenance": provenance, "label_names": list(names),
+               "scans": [str(s) for s in scan_ids], "fold_of": [int(f) for f in fold_of], "folds_run": list(folds_run)}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+OOF_PREDICTIONS = ("prob", "prob_primary", "prob_aps", "sample_idx", "slice_attention", "feature_attention", "aps_idx")
+
+
+def _resumable_folds(out: Path, folds_run: list[int], data: CachedFeatures, labelled: np.ndarray,
+                     fold_of: np.ndarray) -> dict[int, tuple[np.ndarray, dict, list[dict]]]:
+    """{fold: (validation scans, predictions, history)} of the interrupted run's finished folds:
+    checkpoint and history written and the fold's rows in oof.npz, for exactly its validation scans."""
+    from pipeline.oof import OofError, read_oof
+
+    finished = set(rundir.finished_folds(out)) & set(folds_run)
+    if not finished or not (out / "oof.npz").is_file():
+        return {}
+    try:
+        oof = read_oof(out / "oof.npz", ("scan_id", "fold", "cache_index", *OOF_PREDICTIONS))
+    except OofError:
+        return {}
+    kept = {}
+    for fold in sorted(finished):
+        rows = np.flatnonzero(oof["fold"] == fold)
+        val_scans = labelled[fold_of == fold]
+        if not np.array_equal(oof["cache_index"][rows], val_scans) or \
+                list(oof["scan_id"][rows]) != [str(s) for s in data.scan_id[val_scans]]:
+            continue
+        try:
+            history = json.loads((out / f"fold_{fold}" / rundir.HISTORY).read_text())
+        except (OSError, ValueError):
+            continue
+        kept[fold] = (val_scans, {key: oof[key][rows] for key in OOF_PREDICTIONS}, history)
+    return kept
+
+
+def _merged(completed: dict[int, tuple[np.ndarray, dict, list[dict]]]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(scans, folds, predictions) of the finished folds, in scan (cache row) order."""
+    folds = sorted(completed)
+    scans = np.concatenate([completed[f][0] for f in folds])
+    fold_ids = np.concatenate([np.full(len(completed[f][0]), f) for f in folds])
+    order = np.argsort(scans, kind="stable")
+    preds = {key: np.concatenate([np.asarray(completed[f][1][key]) for f in folds])[order] for key in OOF_PREDICTIONS}
+    return scans[order], fold_ids[order], preds
+
+
+def _train_locked(config: dict, cache: FeatureCache, cache_path, out: Path, res: dict, names: list[str],
+                  device: torch.device, progress: bool, log: Callable[[str], None],
+                  on_epoch: Callable[[int, int, dict], None] | None, stop: StopOnSignal) -> dict:
+    """run_training's work once RUN_DIR's lock is held: folds, resume, signals, the run directory."""
+    t = config["train"]
     m = int(config["sampler"]["m"])
     k = int(t["folds"])
     seed = int(t["seed"])
-    build_model(config, len(names))  # fail on a bad model config before loading the cache
-
     data = CachedFeatures.from_cache(cache, res["primary"], res["aps"], device)
     labelled = data.labelled
     if len(labelled) == 0:
@@ -383,9 +479,6 @@ def run_training(
     if any(not 0 <= f < k for f in folds_run):
         raise TrainingError(f"train.fold = {t['fold']} is not in 0..{k - 1}")
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run_info = {
         "cache": str(cache_path),
         "provenance": cache.provenance,
@@ -412,11 +505,46 @@ def run_training(
     if train_phases not in TRAIN_PHASES:
         raise TrainingError(f"sampler.train_phases must be one of {', '.join(TRAIN_PHASES)}, not '{train_phases}'")
     run_info["train_phases"] = train_phases
-    restore_determinism = deterministic_mode(run_info["deterministic"])
+
+    # Resume or start over (pipeline/training/rundir.py): only an interrupted run of the same key resumes.
+    this_key = run_key(config, cache.provenance, names, data.scan_id[labelled], fold_of, folds_run)
+    completed: dict[int, tuple[np.ndarray, dict, list[dict]]] = {}
+    fold = None
+    restore_determinism = deterministic_mode(False)  # a no-op restore until training starts
     try:
-        all_scans, all_folds, all_preds = [], [], []
-        histories: dict[int, list[dict]] = {}
+        with stop.deferred():
+            marker = rundir.read_marker(out)
+            if marker is not None:
+                if marker.get("run_key") == this_key:
+                    completed = _resumable_folds(out, folds_run, data, labelled, fold_of)
+                else:
+                    log(f"{out} holds an interrupted run with other settings or data: starting it over")
+            state = {"run_key": this_key, "folds": k, "folds_run": folds_run, "state": "training",
+                     "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if completed:
+                rundir.write_marker(out, state)
+                rundir.remove_temporaries(out)
+                todo = [f for f in folds_run if f not in completed]
+                log(f"resuming {out} at fold {todo[0]}: fold(s) {rundir.folds_text(completed)} kept "
+                    "from the interrupted run")
+            else:
+                rundir.start_fresh(out, state)
+            rundir.atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+            rundir.atomic_write_text(out / "run.json", json.dumps(run_info, indent=1))
+            if on_epoch is not None:  # the dvclive curves of the kept folds, as an uninterrupted run logs them
+                for kept in sorted(completed):
+                    for record in completed[kept][2]:
+                        on_epoch(kept, int(record.get("epoch", 1)), record)
+        restore_determinism = deterministic_mode(run_info["deterministic"])
+
+        def logged(f: int, epoch: int, record: dict) -> None:
+            with stop.deferred():
+                if on_epoch is not None:
+                    on_epoch(f, epoch, record)
+
         for fold in folds_run:
+            if fold in completed:
+                continue
             torch.manual_seed(seed * 1000 + fold)
             rng = np.random.default_rng([seed, fold])
             train_scans = labelled[fold_of != fold]
@@ -429,26 +557,46 @@ def run_training(
                                                threshold)]
             else:
                 history = train_fold(model, data, train_scans, val_scans, config, loss_fn, rng, names, threshold,
-                                     progress, fold, on_epoch)
+                                     progress, fold, logged)
             preds = predict_scans(model, data, val_scans, m, eval_batch, seed)
-            val_f1 = history[-1]["val_macro_f1"]
-            fold_dir = out / f"fold_{fold}"
-            save_checkpoint(fold_dir / "checkpoint.pt", model, config, cache.provenance, names, fold)
-            (fold_dir / "history.json").write_text(json.dumps(history, indent=1))
-            histories[fold] = history
+            with stop.deferred():  # the fold's files: checkpoint, history, then oof.npz (its commit point)
+                fold_dir = out / f"fold_{fold}"
+                save_checkpoint(fold_dir / rundir.CHECKPOINT, model, config, cache.provenance, names, fold)
+                rundir.atomic_write_text(fold_dir / rundir.HISTORY, json.dumps(history, indent=1))
+                finished = {**completed, fold: (val_scans, {key: preds[key] for key in OOF_PREDICTIONS}, history)}
+                write_oof(out / "oof.npz", data, *_merged(finished))
+                completed = finished
             log(f"fold {fold}: {len(train_scans)} train / {len(val_scans)} validation scans, "
-                f"loss {history[-1]['loss']:.4f}, validation macro-F1 {val_f1:.4f}")
-            all_scans.append(val_scans)
-            all_folds.append(np.full(len(val_scans), fold))
-            all_preds.append(preds)
-        scans = np.concatenate(all_scans)
-        order = np.argsort(scans, kind="stable")
-        merged = {key: np.concatenate([p[key] for p in all_preds])[order] for key in all_preds[0]}
-        write_oof(out / "oof.npz", data, scans[order], np.concatenate(all_folds)[order], merged)
+                f"loss {history[-1]['loss']:.4f}, validation macro-F1 {history[-1]['val_macro_f1']:.4f}")
+        with stop.deferred(raise_pending=False):  # every fold is written: finish whatever arrives now
+            scans, folds, merged = _merged(completed)
+            histories = {f: completed[f][2] for f in sorted(completed)}
+            write_model_card(out, config, run_info, histories, data.labels[scans].astype(np.float64),
+                             merged["prob"].astype(np.float64), folds)
+            (out / rundir.INCOMPLETE).unlink(missing_ok=True)  # last: the run is complete
+            store._fsync_path(out)
+    except TrainingInterrupted as exc:
+        name = signal_name(exc.signum)
+        todo = [f for f in folds_run if f not in completed]
+        if fold is None and not (out / rundir.INCOMPLETE).exists():
+            raise TrainingInterrupted(exc.signum, f"stopped by {name} before training started; {out} was not changed") \
+                from None
+        where = f"during fold {fold}: fold {fold} discarded" if fold is not None and fold not in completed else \
+            f"after fold {fold}" if fold is not None else "before the first fold"
+        rundir.update_marker(out, state=f"stopped by {name} {where.split(':')[0]}")
+        rundir.remove_temporaries(out)
+        raise TrainingInterrupted(exc.signum, (
+            f"stopped by {name} {where}, fold(s) {rundir.folds_text(completed)} kept; {out} is marked incomplete "
+            f"({rundir.INCOMPLETE}): run the same command again to resume at fold {todo[0]}"
+        )) from None
+    except store.DiskSpaceError as exc:
+        todo = [f for f in folds_run if f not in completed]
+        rundir.update_marker(out, state=f"stopped by a full disk in fold {todo[0]}")
+        rundir.remove_temporaries(out)
+        raise store.DiskSpaceError(
+            f"{exc}; fold(s) {rundir.folds_text(completed)} kept and {out} marked incomplete: free space and run "
+            f"the same command again to resume at fold {todo[0]}"
+        ) from None
     finally:
         restore_determinism()
-        cache.close()
-    (out / "run.json").write_text(json.dumps(run_info, indent=1))
-    write_model_card(out, config, run_info, histories, data.labels[scans[order]].astype(np.float64),
-                     merged["prob"].astype(np.float64), np.concatenate(all_folds)[order])
     return run_info
