@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "export": ("stages.export", "export"),
     "interpret": ("stages.interpret", "interpret_cmd"),
     "sweep": ("stages.sweep", "sweep"),
+    "doctor": ("stages.doctor", "doctor"),
 }
 
 
