@@ -60,6 +60,8 @@ PROVENANCE_KEYS = (
     "software_version",
 )
 STR = h5py.string_dtype("utf-8")
+TABLES = ("scans/scan_id", "scans/patient_id", "scans/labels", "scans/offset", "scans/n_slices", "slices/z",
+          "slices/sop_uid", "slices/path", "slices/labels")
 
 
 class CacheError(RuntimeError):
@@ -132,6 +134,61 @@ class ScanTable:
     def rows(self, index: int) -> slice:
         start = int(self.offset[index])
         return slice(start, start + int(self.n_slices[index]))
+
+
+def table_problems(tables: dict, n_classes: int) -> list[str]:
+    """What is wrong with a cache's scan and slice tables, as messages (empty: nothing).
+
+    `tables` maps dataset names (``scans/scan_id``, ``scans/labels``, ``scans/offset``,
+    ``scans/n_slices``, ``scans/patient_id``, ``slices/z``, ``slices/sop_uid``, ``slices/path``,
+    ``slices/labels``) to their values. Checked: one row per scan in every /scans table and one per
+    slice in every /slices table, label matrices of n_classes columns, scan labels in {0, 1, NaN},
+    slice labels in {-1, 0, 1}, every scan with slices, contiguous offsets, unique scan ids.
+    `drct cache verify` (cache/verify.py) and every reader of a cache (`FeatureCache.table`: train,
+    export, cache info, interpret, report, predict) call this one function, so a tampered table is
+    refused everywhere with the same message."""
+    problems: list[str] = []
+    n_scans = len(tables["scans/scan_id"])
+    for name in ("scans/patient_id", "scans/labels", "scans/offset", "scans/n_slices"):
+        if name in tables and np.shape(tables[name])[:1] != (n_scans,):
+            problems.append(f"/{name} has {np.shape(tables[name])[0] if np.ndim(tables[name]) else 0} rows, "
+                            f"/scans/scan_id has {n_scans}")
+    labels = np.asarray(tables["scans/labels"])
+    if labels.shape != (n_scans, n_classes):
+        problems.append(f"/scans/labels has shape {labels.shape}, expected ({n_scans}, {n_classes})")
+    elif labels.size:
+        values = labels.astype(np.float64, copy=False)
+        bad = ~(np.isnan(values) | (values == 0) | (values == 1))
+        if bad.any():
+            scan, column = (int(v) for v in np.argwhere(bad)[0])
+            problems.append(f"/scans/labels holds {int(bad.sum())} values that are not 0, 1 or NaN (first: "
+                            f"{values[scan, column]:g} for scan row {scan}, class {column})")
+    if problems:
+        return problems  # the checks below index by scan: meaningless on misshapen tables
+    offset = np.asarray(tables["scans/offset"]).astype(np.int64)
+    n_slices = np.asarray(tables["scans/n_slices"]).astype(np.int64)
+    total = int(n_slices.sum())
+    if (n_slices < 1).any():
+        problems.append(f"{int((n_slices < 1).sum())} scans have no slices")
+    expected = np.concatenate([[0], np.cumsum(n_slices)[:-1]]) if n_scans else np.zeros(0, np.int64)
+    if not np.array_equal(offset, expected):
+        bad = int(np.flatnonzero(offset != expected)[0])
+        problems.append(f"scan offsets are not contiguous: scan {bad} starts at {offset[bad]}, expected {expected[bad]}")
+    scan_ids = [str(v) for v in tables["scans/scan_id"]]
+    if len(set(scan_ids)) != len(scan_ids):
+        dupes = sorted({s for s in scan_ids if scan_ids.count(s) > 1})
+        problems.append(f"duplicated scan ids: {', '.join(dupes[:5])}")
+    for name in ("slices/z", "slices/sop_uid", "slices/path", "slices/labels"):
+        if name in tables and np.shape(tables[name])[:1] != (total,):
+            problems.append(f"/{name} has {np.shape(tables[name])[0] if np.ndim(tables[name]) else 0} rows, "
+                            f"the scan table counts {total} slices")
+    slice_labels = np.asarray(tables["slices/labels"])
+    if slice_labels.ndim != 2 or slice_labels.shape[1] != n_classes:
+        problems.append(f"/slices/labels has shape {slice_labels.shape}, expected ({total}, {n_classes})")
+    elif slice_labels.size and not np.isin(slice_labels, (-1, 0, 1)).all():
+        problems.append(f"/slices/labels holds {int((~np.isin(slice_labels, (-1, 0, 1))).sum())} values that are "
+                        "not -1 (unknown), 0 or 1")
+    return problems
 
 
 def strings_digest(values) -> str:
@@ -296,16 +353,24 @@ class FeatureCache:
                 except KeyError:
                     raise CacheError(f"{self.path}: dataset /{name} is missing; the cache is damaged") from None
 
+            tables = {name: read(name) for name in TABLES}
+            for name in ("scans/scan_id", "scans/patient_id", "slices/sop_uid", "slices/path"):
+                tables[name] = _decode(tables[name]) if np.ndim(tables[name]) == 1 else tables[name]
+            problems = table_problems(tables, len(self.label_names))
+            if problems:
+                more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+                raise CacheError(f"{self.path}: {problems[0]}{more}; the cache is damaged or was edited: run "
+                                 "`drct cache verify` on it, and re-extract")
             self._table = ScanTable(
-                scan_id=_decode(read("scans/scan_id")),
-                patient_id=_decode(read("scans/patient_id")),
-                labels=read("scans/labels").astype(np.float32),
-                offset=read("scans/offset").astype(np.int64),
-                n_slices=read("scans/n_slices").astype(np.int32),
-                z=read("slices/z"),
-                sop_uid=_decode(read("slices/sop_uid")),
-                path=_decode(read("slices/path")),
-                slice_labels=read("slices/labels").astype(np.int8),
+                scan_id=tables["scans/scan_id"],
+                patient_id=tables["scans/patient_id"],
+                labels=tables["scans/labels"].astype(np.float32),
+                offset=tables["scans/offset"].astype(np.int64),
+                n_slices=tables["scans/n_slices"].astype(np.int32),
+                z=tables["slices/z"],
+                sop_uid=tables["slices/sop_uid"],
+                path=tables["slices/path"],
+                slice_labels=tables["slices/labels"].astype(np.int8),
             )
         return self._table
 

@@ -43,14 +43,71 @@ def deep_merge(base: dict, update: dict, where: str = "") -> dict:
     return merged
 
 
+# Limits on what a config file may be (a config is a few KB of plain settings): a "billion laughs"
+# file of nested aliases, a 30 MB file or 100,000 nested brackets must stop at once with one line,
+# not run for minutes, fill the memory or end in a RecursionError.
+MAX_CONFIG_BYTES = 1 << 20   # 1 MiB (configs/defaults.yaml is about 12 KB)
+MAX_CONFIG_DEPTH = 32        # nesting of mappings and lists (ours: 3)
+
+
+class _RefusedYaml(yaml.YAMLError):
+    """A YAML construct our configs never need (an alias, deep nesting); the message says which."""
+
+
+class LimitedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases (``*name``: the expansion of a "billion laughs" file)
+    and nesting deeper than MAX_CONFIG_DEPTH, while composing, before anything is built."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _RefusedYaml(f"YAML aliases (*name) are not allowed in a config (line {mark.line + 1}); "
+                               "write the value out")
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _RefusedYaml(f"nested deeper than {MAX_CONFIG_DEPTH} levels (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def safe_yaml(text: str):
+    """yaml.safe_load with `LimitedLoader`'s limits (no aliases, bounded nesting)."""
+    loader = LimitedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict:
+    """A config file as a dict; a missing, oversized, non-UTF-8, malformed or hostile file
+    (aliases, deep nesting) is a `ConfigError` with one line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {size / 2**20:.1f} MiB; a config is at most "
+                          f"{MAX_CONFIG_BYTES >> 20} MiB of settings: refused")
+    raw = path.read_bytes()[: MAX_CONFIG_BYTES + 1]
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
+    try:
+        data = safe_yaml(text) or {}
+    except _RefusedYaml as exc:
+        raise ConfigError(f"config file {path} refused: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
     return data
@@ -87,6 +144,8 @@ class DatasetSchema(_Section):
     allow_modalities: list[Annotated[str, Field(min_length=1)]] = Field(default=["CT"], min_length=1)
     keep_ids: bool = False
     pseudonym_key: str | None = None
+    max_pixels: Annotated[int, Field(ge=1)] = 4096 * 4096
+    min_size: Annotated[int, Field(ge=1)] = 16
 
 
 class PhantomSchema(_Section):

@@ -27,6 +27,11 @@ Formats (one writer class per format, same three calls: `write(batch)`, `close()
   and every `drct` stage can read it; datasets are created at their final size and filled batch by
   batch, and the ``complete`` attribute is set last.
 
+Nothing that is not an export is ever replaced (`check_target`): an existing ``--out`` is refused
+unless ``overwrite``, and even then only an earlier export of the same format (its manifest beside
+it says so) is replaced, never a label CSV, a DICOM file, a checkpoint or a cache; nothing is
+written inside the cache's data root (its DICOM tree, recorded at extraction).
+
 Every export is written under a temporary name and renamed into place when finished (a killed
 export leaves no file that looks complete), and gets a sidecar manifest ``<out>.manifest.json``:
 the scan ids in export order, per scan its slice count, offset in the export, z positions, SOP
@@ -542,6 +547,47 @@ class ExportSummary:
         return self.n_scans / self.seconds if self.seconds > 0 else float("inf")
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def check_target(out: Path, fmt: str, overwrite: bool, data_roots: Sequence[str | Path | None] = ()) -> None:
+    """`ExportError` unless `out` (and its manifest) may be written: never inside a data root;
+    an existing file only with `overwrite`, and only if it is an export of format `fmt` (its
+    ``<out>.manifest.json`` is a manifest of that format for that file name)."""
+    resolved = out.resolve()
+    for root in data_roots:
+        if root and _inside(resolved, Path(root).resolve()):
+            raise ExportError(f"refusing to write {out} inside the data root {root} (the DICOM tree the cache was "
+                              "extracted from); choose an --out outside it")
+    manifest = manifest_path(out)
+    existing = [p for p in (out, manifest) if p.exists() or p.is_symlink()]
+    if not existing:
+        return
+    if not overwrite:
+        raise ExportError(f"{existing[0]} exists; pass --overwrite to replace an earlier export, or choose "
+                          "another --out")
+    try:
+        header = json.loads(manifest.read_text()) if manifest.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    ours = isinstance(header, dict) and header.get("manifest_version") == MANIFEST_VERSION \
+        and header.get("file") == out.name
+    if ours and header.get("format") != fmt:
+        why = f"it is a {header.get('format')} export, not {fmt}"
+    elif not ours or (out.exists() and not out.is_file()):
+        why = f"it is not a drct export (no manifest {manifest.name} of it beside it) and may be data: labels, DICOM, " \
+              "checkpoints, a cache"
+    else:
+        return
+    raise ExportError(f"refusing to overwrite {out}: {why}; --overwrite only replaces an earlier export of the "
+                      "same format: choose another --out")
+
+
 def export_cache(
     cache_path: str | Path,
     out: str | Path,
@@ -551,11 +597,13 @@ def export_cache(
     resolutions: Sequence[int] | None = None,
     batch_slices: int = 8192,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> ExportSummary:
     """Export `scan_ids` (None = all) at `resolutions` (None = all) of the cache at `cache_path`
     to `out` in format `fmt` (npz | parquet | h5), plus `<out>.manifest.json`. Streams: at most
     one batch of `batch_slices` slices of vectors is in memory. Raises ExportError / CacheError
-    with a message for bad requests."""
+    with a message for bad requests. `out` must not exist unless `overwrite`, and then must be an
+    earlier export of format `fmt`; nothing is written inside the cache's data root (`check_target`)."""
     from tqdm import tqdm
 
     if fmt not in FORMATS:
@@ -567,6 +615,7 @@ def export_cache(
             raise ExportError(f"refusing to export {cache.path} onto itself")
         if out.is_dir():
             raise ExportError(f"--out {out} is a directory; give a file name, e.g. {out / ('features' + SUFFIX[fmt])}")
+        check_target(out, fmt, overwrite, [cache.attrs.get("data_root")])
         selection = select(cache, scan_ids, resolutions)
         out.parent.mkdir(parents=True, exist_ok=True)
         header = manifest_header(cache, selection, fmt, out)

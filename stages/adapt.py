@@ -45,12 +45,14 @@ def adapt(config_path, data, layout, out, weights, epochs, settings, progress):
     if not root.is_dir():
         raise StageError(f"adaptation data folder not found: {root} (give --data or adapt.data)")
     chosen = ad.get("layout") or guess_layout(root)[0]
+    from pipeline.data.dicom_io import ImageLimits
     from pipeline.data.index import build_scan_index
     from pipeline.features.adapt import AdaptError, adapt_encoder
     from pipeline.features.encoder import EncoderError
 
     try:
-        index = build_scan_index(root, chosen, ad.get("labels"), progress=progress)
+        index = build_scan_index(root, chosen, ad.get("labels"), progress=progress,
+                                 limits=ImageLimits.from_config(config.get("dataset")))
         record = adapt_encoder(config, index, out_path, progress=progress, log=lambda s: click.echo(s, err=True))
     except (AdaptError, EncoderError, ValueError, OSError) as exc:
         raise StageError(str(exc)) from None

@@ -39,16 +39,21 @@ def _split_ids(values: tuple[str, ...]) -> list[str] | None:
                    "(default: every scan, in cache order).")
 @click.option("--resolution", "resolutions", multiple=True, type=int, metavar="R",
               help="Resolution to export, repeatable (default: every cached resolution).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it is an earlier export of the same format (its manifest says so); "
+                   "any other existing file is never replaced.")
 @click.option("--batch-slices", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Slices read per batch: bounds memory (2 KiB per slice and resolution).")
 @progress_option
 def export(cache: Path, fmt: str, out: Path, scans: tuple[str, ...], resolutions: tuple[int, ...],
-           batch_slices: int, progress: bool) -> None:
+           overwrite: bool, batch_slices: int, progress: bool) -> None:
     """Export the slice vectors of CACHE (chosen scans and resolutions) without changing a value.
 
     \b
     Vectors stay float16 in every format, so an export equals the cache bit for bit.
     Large exports stream: at most --batch-slices slices of vectors are in memory.
+    An existing OUT is refused unless --overwrite, which replaces only an earlier
+    export of the same format; nothing is written inside the cache's DICOM data root.
     The manifest lists scan ids in export order, per scan its slice count, offset,
     z positions, SOP instance UIDs and labels, plus label names, resolutions and
     the cache's provenance.
@@ -64,7 +69,7 @@ def export(cache: Path, fmt: str, out: Path, scans: tuple[str, ...], resolutions
     ids = _split_ids(scans)
     try:
         summary = export_cache(cache, out, fmt, scan_ids=ids, resolutions=list(resolutions) or None,
-                               batch_slices=batch_slices, progress=progress)
+                               batch_slices=batch_slices, progress=progress, overwrite=overwrite)
     except cache_error_types() as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(

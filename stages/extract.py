@@ -124,7 +124,7 @@ def extract(config_path, data, layout, labels, scan_labels, out, resolutions, we
                          f"{did_you_mean(dataset['layout'], LAYOUTS)}")
     index = _build_index(root, dataset["layout"], dataset.get("labels"), progress, dataset.get("scan_labels"),
                          dataset.get("cq500_series", "all"), bool(dataset.get("cq500_bone", False)),
-                         dataset.get("allow_modalities"))
+                         dataset.get("allow_modalities"), image_limits(dataset))
     try:
         run_extraction(index, config, progress=progress)
     except (CacheError, EncoderError, PreprocessError, ConfigError, PseudonymError) as exc:
@@ -135,12 +135,20 @@ def settings_keys(settings) -> set[str]:
     return {str(item).partition("=")[0].strip() for item in settings or ()}
 
 
+def image_limits(dataset: dict):
+    """The image sizes indexing accepts: dataset.max_pixels and dataset.min_size."""
+    from pipeline.data.dicom_io import ImageLimits
+
+    return ImageLimits.from_config(dataset)
+
+
 def _build_index(root: Path, layout: str, labels, progress: bool, scan_labels=None, cq500_series: str = "all",
-                 cq500_bone: bool = False, allow_modalities=None):
+                 cq500_bone: bool = False, allow_modalities=None, limits=None):
     from pipeline.data.index import build_scan_index
 
     try:
         return build_scan_index(root, layout, labels, scan_labels_csv=scan_labels, progress=progress,
-                                cq500_series=cq500_series, cq500_bone=cq500_bone, allow_modalities=allow_modalities)
+                                cq500_series=cq500_series, cq500_bone=cq500_bone, allow_modalities=allow_modalities,
+                                limits=limits)
     except (ValueError, OSError, KeyError) as exc:
         raise click.ClickException(f"cannot index the DICOM tree {root} as layout {layout!r}: {exc}") from None

@@ -15,7 +15,7 @@ import click
 import numpy as np
 
 from pipeline.metrics import json_safe
-from pipeline.oof import REQUIRED, read_oof
+from pipeline.oof import REQUIRED, check_sample_idx, read_oof
 from stages.options import set_option
 
 
@@ -68,6 +68,7 @@ def interpret_run(
     names = list(meta.get("label_names") or cache.label_names)
     table = cache.table
     rows = np.array([cache.index_of(str(s)) for s in oof["scan_id"]], np.int64)
+    check_sample_idx(oof, table.n_slices[rows], run_dir / "oof.npz")
     sampled = interpret.sampled_slice_labels(table.slice_labels, table.offset[rows], oof["sample_idx"])
     attention = np.asarray(oof["slice_attention"], np.float64)
     labels = np.asarray(oof["labels"], np.float64)

@@ -67,13 +67,15 @@ def parse_settings(items) -> dict:
     """('a.b=1', 'c.d=x') -> {'a.b': 1, 'c.d': 'x'}; a malformed item is a StageError."""
     import yaml
 
+    from pipeline.config import safe_yaml
+
     settings = {}
     for item in items or ():
         key, sep, value = str(item).partition("=")
         if not sep or not key.strip():
             raise StageError(f"--set expects KEY=VALUE, got '{item}'")
         try:
-            settings[key.strip()] = yaml.safe_load(value)
+            settings[key.strip()] = safe_yaml(value)
         except yaml.YAMLError as exc:
             raise StageError(f"--set {item}: the value is not valid YAML ({exc})") from None
     return settings

@@ -155,6 +155,7 @@ def predict_folder(
 
     from cache.store import FeatureCache
     from pipeline.config import load_config
+    from pipeline.data.dicom_io import ImageLimits
     from pipeline.data.index import build_scan_index
     from pipeline.features.encoder import load_encoder
     from pipeline.features.extraction import run_extraction
@@ -180,7 +181,8 @@ def predict_folder(
     check_encoder_provenance(ckpt_prov, ex, digest)
 
     index = build_scan_index(dicom_dir, "folder", workers=None if workers else 1, progress=progress,
-                             allow_modalities=(config.get("dataset") or {}).get("allow_modalities"))
+                             allow_modalities=(config.get("dataset") or {}).get("allow_modalities"),
+                             limits=ImageLimits.from_config(config.get("dataset")))
     if not index.scans:
         raise PredictError(f"no usable DICOM series under {dicom_dir} ({len(index.rejects)} files rejected)")
     run_extraction(index, config, progress=progress, log=log)

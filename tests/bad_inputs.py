@@ -1,5 +1,5 @@
 """A generated bad-input corpus: one small folder-layout DICOM tree holding every hostile case
-of issue 11 next to good scans, so one extraction exercises them all.
+of issues 11 and 16 next to good scans, so one extraction exercises them all.
 
 `write_corpus(root)` returns {case name: path of the file or folder that carries the case}.
 Scans (one SeriesInstanceUID each) are 3-4 slices of 16 px; the expected outcome of each case
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pydicom.config
-from dicom_fixtures import write_slice
+from dicom_fixtures import write_deflated_bomb, write_slice
 
 SIZE = 16
 PHI = {"PatientName": "Doe^Jane", "PatientID": "MRN-4711-SECRET", "PatientBirthDate": "19610203"}
@@ -66,7 +66,7 @@ def write_corpus(root: str | Path) -> dict[str, str]:
         case[name] = retag(path, RescaleSlope=slope)
     path = write_slice(scaling / "rows_mismatch.dcm", pixels(9, 2), ipp=(0.0, 0.0, 45.0), instance_number=10,
                        series_uid="1.1.2", study_uid="1.1.2.0", patient_id="P-ok")
-    case["rows_mismatch"] = retag(path, Rows=SIZE - 1)
+    case["rows_mismatch"] = retag(path, Rows=SIZE + 1)
     case["scaling_scan"] = "1.1.2"
 
     # 1. an MR series: refused (unless dataset.allow_modalities lists MR).
@@ -132,4 +132,38 @@ def write_corpus(root: str | Path) -> dict[str, str]:
     for path in escape:
         retag(path, PatientID="../../../../tmp/escape", SeriesDescription="../../evil")
     case["escape_scan"] = "1.1.11"
+
+    # Issue 16 (round three), items 6, 8 and 9 (asserted in tests/test_hostile_input.py).
+    # 6. decompression bombs: a 0.5 MB deflated file claiming 16384 x 16384 (refused when indexing),
+    #    and a 16 x 16 header over 64 MiB of deflated zeros (refused when decoding).
+    case["bomb"] = write_deflated_bomb(root / "bomb" / "bomb.dcm", series_uid="1.1.12")
+    case["bomb_scan"] = "1.1.12"
+    case["bomb_stream"] = write_deflated_bomb(root / "bomb" / "stream.dcm", SIZE, SIZE, series_uid="1.1.13",
+                                              pixel_bytes=64 << 20)
+    case["bomb_stream_scan"] = "1.1.13"
+    # 8. geometry: 1 x 1 images (rejected); mixed matrix sizes and mixed pixel spacing (kept, noted).
+    tiny = [
+        write_slice(root / "tiny" / f"im{k}.dcm", np.full((1, 1), 1000 + k, np.int16), ipp=(0.0, 0.0, 5.0 * k),
+                    instance_number=k + 1, series_uid="1.1.14", study_uid="1.1.14.0", patient_id="P-ok")
+        for k in range(3)
+    ]
+    case["tiny"] = tiny[0]
+    case["tiny_scan"] = "1.1.14"
+    mixed = series(root / "mixed_size", "1.1.15", n=3, seed=15)
+    write_slice(root / "mixed_size" / "big.dcm", np.kron(pixels(3, 15), np.ones((2, 2), np.int16)),
+                ipp=(0.0, 0.0, 15.0), instance_number=4, series_uid="1.1.15", study_uid="1.1.15.0", patient_id="P-ok")
+    case["mixed_size"] = os.path.dirname(mixed[0])
+    case["mixed_size_scan"] = "1.1.15"
+    spacing = series(root / "mixed_spacing", "1.1.16", n=3, seed=16)
+    retag(spacing[1], PixelSpacing=["0.8", "0.8"])
+    case["mixed_spacing"] = os.path.dirname(spacing[0])
+    case["mixed_spacing_scan"] = "1.1.16"
+    # 9. a symlinked folder to a valid series outside the tree (followed), and a link back to the
+    #    root (a loop: not walked twice).
+    outside = root.parent / f"{root.name}_outside" / "series"
+    series(outside, "1.1.17", seed=17)
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    case["linked_scan"] = "1.1.17"
+    (root / "odd" / "back_to_root").symlink_to(root, target_is_directory=True)
+    case["loop_folder"] = str(root / "odd" / "back_to_root")
     return case

@@ -135,3 +135,66 @@ def write_series(
             )
         )
     return paths
+
+
+def write_deflated_bomb(path: str | Path, rows: int = 16384, columns: int = 16384, *, series_uid: str = "9.9.9",
+                        patient_id: str = "P-bomb", level: int = 9, pixel_bytes: int | None = None) -> str:
+    """A Deflated Explicit VR Little Endian CT slice whose header claims rows x columns 16-bit pixels,
+    all zero: a decompression bomb (16384 x 16384 is 512 MiB inflated, about 0.5 MB on disk).
+    `pixel_bytes`: the pixel data's real length, when it should differ from the claim (a small
+    header over a huge stream).
+
+    Streamed: the zero pixels go through zlib 1 MiB at a time, so writing it never holds the
+    inflated image in memory."""
+    import io
+    import struct
+    import zlib
+
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = series_uid + ".0"
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientID = patient_id
+    ds.Modality = "CT"
+    ds.ImagePositionPatient = ["0", "0", "0"]
+    ds.ImageOrientationPatient = [f"{v:.1f}" for v in AXIAL]
+    ds.InstanceNumber = 1
+    ds.PixelSpacing = ["0.5", "0.5"]
+    ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.Rows, ds.Columns = rows, columns
+    body = io.BytesIO()
+    from pydicom.filebase import DicomFileLike
+
+    fp = DicomFileLike(body)
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    n_bytes = rows * columns * 2 if pixel_bytes is None else pixel_bytes
+    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, n_bytes)
+    with open(path, "wb") as handle:
+        handle.write(b"\x00" * 128 + b"DICM")
+        head = DicomFileLike(handle)
+        head.is_little_endian, head.is_implicit_VR = True, False
+        write_file_meta_info(head, meta, enforce_standard=True)
+        # After a full flush no block refers back to earlier data, so the deflated MiB of zeros
+        # is written again and again instead of being compressed again (fast), then the final block.
+        deflate = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        handle.write(deflate.compress(body.getvalue() + pixel_header) + deflate.flush(zlib.Z_FULL_FLUSH))
+        mib = 1 << 20
+        chunk = deflate.compress(bytes(mib)) + deflate.flush(zlib.Z_FULL_FLUSH)
+        handle.writelines(chunk for _ in range(n_bytes // mib))
+        handle.write(deflate.compress(bytes(n_bytes % mib)) + deflate.flush())
+    return str(path)

@@ -10,7 +10,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from bad_inputs import write_corpus
 
 from cache.store import FeatureCache
 from cache.verify import verify_cache
@@ -42,17 +41,13 @@ def extract(out: Path, data: Path, **dataset):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    root = tmp_path_factory.mktemp("corpus")
-    return root, write_corpus(root)
+def corpus(bad_corpus) -> tuple[Path, dict[str, str]]:
+    return bad_corpus  # tests/conftest.py: one corpus and one extraction for this file and test_hostile_input.py
 
 
 @pytest.fixture(scope="module")
-def extracted(corpus, tmp_path_factory) -> Path:
-    root, _ = corpus
-    out = tmp_path_factory.mktemp("out") / "features.h5"
-    extract(out, root)
-    return out
+def extracted(bad_corpus_cache) -> Path:
+    return bad_corpus_cache
 
 
 def reject_rows(out: Path) -> list[dict]:

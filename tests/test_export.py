@@ -167,7 +167,7 @@ def test_manifest_lists_scans_in_export_order(cache_path, tmp_path):
     assert manifest["label_names"] == LABELS and manifest["resolutions"] == RESOLUTIONS
     assert manifest["provenance"]["encoder"] == "vgg16"
     # scan3 has unknown labels -> null in JSON
-    ex.export_cache(cache_path, out, "h5", scan_ids=["scan3"], progress=False)
+    ex.export_cache(cache_path, out, "h5", scan_ids=["scan3"], progress=False, overwrite=True)
     assert ex.read_manifest(out)["scans"][0]["labels"] == [None, None, None]
 
 
@@ -232,3 +232,62 @@ def test_cli_missing_or_incomplete_cache(tmp_path):
         f.attrs["schema_version"] = 1
     result = run_cli(tmp_path / "half.h5", "--format", "npz", "--out", tmp_path / "x.npz")
     assert result.exit_code == 1 and "not complete" in result.output
+
+
+# -- issue 16, item 1: an export never replaces what is not an export ---------------------------
+def test_existing_target_needs_overwrite_and_must_be_an_export(cache_path, tmp_path):
+    labels = tmp_path / "stage_2_train.csv"
+    labels.write_text("ID,Label\nID_000000000_any,0\n")
+    dicom = tmp_path / "ID_000000001.dcm"
+    dicom.write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 64)
+    fold = tmp_path / "run" / "fold_0" / "checkpoint.pt"
+    fold.parent.mkdir(parents=True)
+    fold.write_bytes(b"PK torch checkpoint")
+    for target in (labels, dicom, fold, cache_path):
+        before = target.read_bytes()
+        for extra in ((), ("--overwrite",)):
+            result = run_cli(cache_path, "--format", "h5", "--out", target, "--quiet", *extra)
+            assert result.exit_code == 1, (target, extra, result.output)
+            if extra:
+                expected_text = "onto itself" if target == cache_path else "refusing to overwrite"
+                assert expected_text in result.output and "Traceback" not in result.output
+                if target != cache_path:
+                    assert "it is not a drct export" in result.output
+            else:
+                assert ("exists; pass --overwrite" in result.output) or "onto itself" in result.output
+        assert target.read_bytes() == before, target
+        assert not ex.manifest_path(target).exists() and not Path(str(target) + ".tmp").exists()
+
+    out = tmp_path / "e.npz"
+    assert run_cli(cache_path, "--format", "npz", "--out", out, "--quiet").exit_code == 0
+    result = run_cli(cache_path, "--format", "npz", "--out", out, "--quiet", "--scans", "scan1")
+    assert result.exit_code == 1 and f"{out} exists; pass --overwrite" in result.output
+    with np.load(out) as npz:
+        assert len(npz["scan_id"]) == len(N_SLICES)  # untouched
+    result = run_cli(cache_path, "--format", "parquet", "--out", out, "--quiet", "--overwrite")
+    assert result.exit_code == 1 and "it is a npz export, not parquet" in result.output
+    result = run_cli(cache_path, "--format", "npz", "--out", out, "--quiet", "--overwrite", "--scans", "scan1")
+    assert result.exit_code == 0, result.output
+    with np.load(out) as npz:
+        assert [s.decode() for s in npz["scan_id"]] == ["scan1"]
+    # A stray manifest beside a file that is not its export does not make the file replaceable.
+    manifest = json.loads(ex.manifest_path(out).read_text())
+    ex.manifest_path(labels).write_text(json.dumps({**manifest, "file": "other.npz"}))
+    result = run_cli(cache_path, "--format", "npz", "--out", labels, "--quiet", "--overwrite")
+    assert result.exit_code == 1 and "it is not a drct export" in result.output
+    assert labels.read_text().startswith("ID,Label")
+
+
+def test_never_writes_inside_the_data_root(tmp_path):
+    import h5py
+
+    root = tmp_path / "dicom"
+    (root / "sub").mkdir(parents=True)
+    cache_path = make_cache(tmp_path / "features.h5")
+    with h5py.File(cache_path, "r+") as f:
+        f.attrs["data_root"] = str(root)
+    for target in (root / "export.npz", root / "sub" / "x.npz", root / ".." / "dicom" / "y.npz"):
+        result = run_cli(cache_path, "--format", "npz", "--out", target, "--quiet", "--overwrite")
+        assert result.exit_code == 1 and "inside the data root" in result.output, result.output
+    assert [p for p in root.rglob("*") if p.is_file()] == []
+    assert run_cli(cache_path, "--format", "npz", "--out", tmp_path / "outside.npz", "--quiet").exit_code == 0

@@ -153,7 +153,7 @@ def test_folder_sorts_along_normal_under_gantry_tilt(tmp_path):
     for k, name in zip(range(4), ["c.dcm", "a.dcm", "d.dcm", "b.dcm"]):
         ipp = normal * (5.0 * k) + column * (40.0 * k)
         write_slice(
-            tmp_path / "s" / name, np.full((8, 8), k + 1, np.int16), ipp=ipp, iop=iop, instance_number=9 - k
+            tmp_path / "s" / name, np.full((16, 16), k + 1, np.int16), ipp=ipp, iop=iop, instance_number=9 - k
         )
     index = build_scan_index(tmp_path, "folder")
     (scan,) = index.scans
@@ -166,7 +166,7 @@ def test_folder_sorts_along_normal_under_gantry_tilt(tmp_path):
 def test_missing_position_falls_back_to_instance_number(tmp_path):
     for k, number in enumerate([3, 1, 2]):
         write_slice(
-            tmp_path / f"f{k}.dcm", np.full((8, 8), number, np.int16), ipp=None, instance_number=number
+            tmp_path / f"f{k}.dcm", np.full((16, 16), number, np.int16), ipp=None, instance_number=number
         )
     index = build_scan_index(tmp_path, "folder")
     (scan,) = index.scans
@@ -215,7 +215,7 @@ def test_duplicate_positions_localizer_and_non_dicom_are_rejected(tmp_path):
 def test_scan_left_with_no_slices_is_rejected(tmp_path):
     write_slice(
         tmp_path / "only_scout.dcm",
-        np.zeros((8, 8), np.int16),
+        np.zeros((16, 16), np.int16),
         series_uid="7.7",
         image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
     )

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.dicom_io import ImageLimits
 from pipeline.data.labels import CQ500_LABELS
 from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
 from pipeline.data.series import (
@@ -209,6 +210,7 @@ def build_cq500_index(
     series: str = "all",
     bone: bool = False,
     allow_modalities: list[str] | None = None,
+    limits: ImageLimits | None = None,
 ) -> ScanIndex:
     """Index a CQ500-layout folder (see module docstring for the labels and the series rule:
     `series` "all" or "one", `bone` keeps bone-kernel series)."""
@@ -227,10 +229,11 @@ def build_cq500_index(
         return from_folder or patient_name(header.patient_id) or (header.patient_id or None)
 
     headers = split_headers(
-        read_headers(candidate_files(root), workers, processes, progress),
+        read_headers(candidate_files(root, index.rejects), workers, processes, progress),
         index.rejects,
         scan_id_of=lambda h: "",
         allow_modalities=allow_modalities,
+        limits=limits,
     )
     by_patient: dict[str, dict[str, list[SliceHeader]]] = defaultdict(lambda: defaultdict(list))
     for header in headers:

@@ -24,7 +24,15 @@ and the feature extractor agree:
   the length of uncompressed pixel data are `SliceError`s too: silently constant, garbled or NaN
   images would otherwise be cached as if they were fine;
 * modality: only CT is read unless the caller allows others (`dataset.allow_modalities`), since
-  HU windows mean nothing on an MR image (`check_modality`, applied at indexing).
+  HU windows mean nothing on an MR image (`check_modality`, applied at indexing);
+* image size (`ImageLimits`, applied at indexing, before any pixel is read): Rows x Columns x
+  frames above ``dataset.max_pixels`` (default 4096 x 4096) is refused, so a 0.5 MB deflated file
+  that claims a 16384 x 16384 image (512 MiB inflated, GBs once converted) never gets decoded; an
+  image smaller than ``dataset.min_size`` in rows or columns (default 16 px) is refused too;
+* Deflated Explicit VR Little Endian files (``1.2.840.10008.1.2.1.99``) are inflated by us, not by
+  pydicom (which inflates the whole file even to read a header): at most `HEADER_INFLATE_BYTES` to
+  read a header, and at most what the header claims (plus `INFLATE_SLACK_BYTES`) to read pixels;
+  more is a `SliceError` (a decompression bomb), so memory stays bounded whatever the file says.
 
 Tag values come from anywhere: `clean_text` turns any of them (NUL bytes, non-UTF-8 bytes, very
 long values) into a short printable str, so one odd header never aborts a run.
@@ -36,7 +44,11 @@ is only right by luck.
 
 from __future__ import annotations
 
+import copy
+import io
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +83,8 @@ HEADER_TAGS = [
     "NumberOfFrames",
     "Rows",
     "Columns",
+    "BitsAllocated",
+    "PixelSpacing",
     "SamplesPerPixel",
     "Modality",
     "ContrastBolusAgent",
@@ -81,6 +95,11 @@ DEFAULT_MODALITIES = ("CT",)
 MAX_TEXT = 256  # characters kept of a tag value (ids, descriptions); longer values are cut
 # Uncompressed transfer syntaxes, whose pixel data length is fully determined by the header.
 _NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
+HEADER_INFLATE_BYTES = 4 << 20  # inflated bytes of a deflated file read to find its header (real headers: KBs)
+INFLATE_SLACK_BYTES = 1 << 20   # inflated bytes allowed beyond header + claimed pixels (trailing tags, padding)
+DEFAULT_MAX_PIXELS = 4096 * 4096  # dataset.max_pixels: Rows x Columns x frames of one file
+DEFAULT_MIN_SIZE = 16             # dataset.min_size: rows and columns of an image, px
 
 
 class SliceError(Exception):
@@ -121,15 +140,148 @@ def check_modality(modality: str, allowed: Sequence[str] | None = None) -> str |
     )
 
 
+@dataclass(frozen=True)
+class ImageLimits:
+    """What image sizes indexing accepts (``dataset.max_pixels``, ``dataset.min_size``)."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_size: int = DEFAULT_MIN_SIZE
+
+    @classmethod
+    def from_config(cls, dataset: dict | None) -> ImageLimits:
+        dataset = dataset or {}
+        return cls(int(dataset.get("max_pixels") or DEFAULT_MAX_PIXELS),
+                   int(dataset.get("min_size") or DEFAULT_MIN_SIZE))
+
+    def reason(self, rows: int, columns: int, frames: int = 1, samples: int = 1, bits: int = 16) -> str | None:
+        """The reject reason for an image of this size, or None. Checked before any pixel is decoded."""
+        pixels = int(rows) * int(columns) * max(1, int(frames)) * max(1, int(samples))
+        if pixels > self.max_pixels:
+            frame_text = f" x {frames} frames" if frames > 1 else ""
+            decoded = pixels * max(1, (int(bits) + 7) // 8)
+            return (
+                f"image too large: {rows} x {columns}{frame_text} = {pixels:,} pixels ({decoded / 2**20:,.0f} MiB "
+                f"decoded) exceeds dataset.max_pixels {self.max_pixels:,}: refused before decoding (a "
+                "decompression bomb?); raise dataset.max_pixels to read it"
+            )
+        if min(int(rows), int(columns)) < self.min_size:
+            return (
+                f"image too small: {rows} x {columns} pixels, below dataset.min_size {self.min_size} x "
+                f"{self.min_size}: not a usable CT slice; lower dataset.min_size to read it"
+            )
+        return None
+
+
+def _deflated_meta(handle):
+    """The file meta of an open file if it is a deflated DICOM file (handle then at its dataset), else None."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    head = handle.read(4096)
+    if DEFLATED_SYNTAX.encode() not in head:
+        return None
+    handle.seek(0)
+    read_preamble(handle, False)
+    meta = _read_file_meta_info(handle)
+    return meta if str(meta.get("TransferSyntaxUID", "")) == DEFLATED_SYNTAX else None
+
+
+def _deflated_copy(handle, meta, limit: int, strict: bool) -> io.BytesIO:
+    """An in-memory Explicit VR Little Endian copy of an open deflated DICOM file (positioned at
+    its dataset), inflated up to `limit` bytes: beyond that a `SliceError` when `strict`, else cut
+    there (enough to read a header with ``stop_before_pixels``)."""
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pieces, total = [], 0
+    while not inflater.eof and total <= limit:
+        chunk = inflater.unconsumed_tail or handle.read(1 << 20)
+        if not chunk:
+            break
+        try:
+            piece = inflater.decompress(chunk, limit + 1 - total)
+        except zlib.error as exc:
+            raise SliceError(f"deflated data cannot be inflated: {exc}") from exc
+        pieces.append(piece)
+        total += len(piece)
+    if total > limit and strict:
+        raise SliceError(
+            f"deflated data inflates to more than {limit / 2**20:,.1f} MiB, more than its header claims: "
+            "refused (a decompression bomb?)"
+        )
+    meta = copy.deepcopy(meta)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    out.write(b"\x00" * 128 + b"DICM")
+    writer = DicomFileLike(out)
+    writer.is_little_endian, writer.is_implicit_VR = True, False
+    write_file_meta_info(writer, meta, enforce_standard=False)
+    out.write(b"".join(pieces)[:limit])
+    out.seek(0)
+    return out
+
+
+def _size_reason(ds: Dataset, limits: ImageLimits) -> str | None:
+    try:
+        return limits.reason(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), _frames(ds),
+                             int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16))
+    except (TypeError, ValueError) as exc:
+        raise SliceError(f"malformed image size tags: {exc}") from exc
+
+
+def _dcmread(path: str, *, header_only: bool, tags: list[str] | None = None, max_pixels: int | None = None):
+    """pydicom.dcmread in bounded memory. A deflated file is inflated by `_deflated_copy`: at most
+    `HEADER_INFLATE_BYTES` for its header, then (pixels wanted) at most what that header claims.
+    `max_pixels`: with pixels wanted, a header claiming more is a `SliceError` before they are read."""
+    with open(path, "rb") as handle:
+        meta = _deflated_meta(handle)
+        if meta is not None:
+            start = handle.tell()
+            header = pydicom.dcmread(_deflated_copy(handle, meta, HEADER_INFLATE_BYTES, strict=False),
+                                     stop_before_pixels=True, specific_tags=tags if header_only else None)
+            header.filename = path
+            if header_only:
+                return header
+            if max_pixels is not None and (reason := _size_reason(header, ImageLimits(max_pixels, 0))):
+                raise SliceError(reason)
+            handle.seek(start)
+            limit = HEADER_INFLATE_BYTES + claimed_pixel_bytes(header) + INFLATE_SLACK_BYTES
+            ds = pydicom.dcmread(_deflated_copy(handle, meta, limit, strict=True))
+            ds.filename = path
+            return ds
+    if header_only:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+    if max_pixels is not None:
+        reason = _size_reason(pydicom.dcmread(path, stop_before_pixels=True), ImageLimits(max_pixels, 0))
+        if reason:
+            raise SliceError(reason)
+    return pydicom.dcmread(path)
+
+
+def claimed_pixel_bytes(ds: Dataset) -> int:
+    """Bytes of pixel data a header claims: Rows x Columns x frames x samples x BitsAllocated / 8."""
+    try:
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise SliceError(f"malformed image size tags: {exc}") from exc
+    return rows * columns * max(1, _frames(ds)) * max(1, samples) * max(1, (bits + 7) // 8)
+
+
 def read_header(path: str | Path, tags: list[str] | None = None) -> Dataset:
     """Read a DICOM header without pixel data. Raises `SliceError` for a file that is not DICOM.
 
     Files without the 128-byte preamble (seen in the wild) are retried with ``force=True`` and
     accepted only if they hold an image-like tag, so a random text file is still rejected.
+    A deflated file is inflated only as far as its header (`_deflated_copy`).
     """
     path = str(path)
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+        return _dcmread(path, header_only=True, tags=tags)
+    except SliceError:
+        raise
     except InvalidDicomError:
         pass
     except (OSError, EOFError) as exc:
@@ -337,11 +489,17 @@ def hu_from_dataset(ds: Dataset) -> np.ndarray:
     return clipped.astype(np.float32)
 
 
-def read_hu(path: str | Path) -> np.ndarray:
-    """Read one slice as float32 (H, W) HU clipped to [-1024, 3071]; raises `SliceError` with a reason."""
+def read_hu(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """Read one slice as float32 (H, W) HU clipped to [-1024, 3071]; raises `SliceError` with a reason.
+
+    `max_pixels`: refuse a header claiming more pixels before reading them (indexing already
+    applies ``dataset.max_pixels``; None = no further limit). A deflated file is inflated at most
+    to the size its header claims (`_deflated_copy`), so a file cannot hold more than it says."""
     path = str(path)
     try:
-        ds = pydicom.dcmread(path)
+        ds = _dcmread(path, header_only=False, max_pixels=max_pixels)
+    except SliceError:
+        raise
     except InvalidDicomError:
         read_header(path)  # raises the "not a DICOM file" SliceError, or accepts a preamble-less file
         try:

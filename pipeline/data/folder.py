@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from pipeline.data.dicom_io import ImageLimits
 from pipeline.data.scan_index import ScanIndex, ScanRecord
 from pipeline.data.series import (
     SliceHeader,
@@ -29,14 +30,16 @@ def build_folder_index(
     processes: bool = False,
     progress: bool | None = None,
     allow_modalities: list[str] | None = None,
+    limits: ImageLimits | None = None,
 ) -> ScanIndex:
     """Index every DICOM series under root (unlabelled)."""
     root = Path(root).resolve()
     index = ScanIndex(layout="folder", root=str(root), label_names=[])
     headers = split_headers(
-        read_headers(candidate_files(root), workers, processes, progress),
+        read_headers(candidate_files(root, index.rejects), workers, processes, progress),
         index.rejects,
         allow_modalities=allow_modalities,
+        limits=limits,
     )
     groups: dict[str, list[SliceHeader]] = defaultdict(list)
     for header in headers:

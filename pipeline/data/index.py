@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data.cq500 import build_cq500_index
+from pipeline.data.dicom_io import ImageLimits
 from pipeline.data.folder import build_folder_index
 from pipeline.data.labels import LABELS_BY_LAYOUT
 from pipeline.data.rsna import build_rsna_index
@@ -31,6 +32,7 @@ def build_scan_index(
     cq500_series: str = "all",
     cq500_bone: bool = False,
     allow_modalities: list[str] | None = None,
+    limits: ImageLimits | None = None,
 ) -> ScanIndex:
     """Index a DICOM tree: one `ScanRecord` per scan (slices in z order, labels), plus rejects.
 
@@ -40,13 +42,16 @@ def build_scan_index(
     cq500): a scan-level label table (see `read_scan_labels_csv`) that gives or overrides scan labels.
     `cq500_series` (all | one) and `cq500_bone`: the CQ500 cohort rule (pipeline/data/cq500.py).
     `allow_modalities`: the DICOM Modality values read (default CT only; see `check_modality`).
+    `limits`: the image sizes read (``dataset.max_pixels``, ``dataset.min_size``; default
+    `ImageLimits()`); others are rejected before any pixel is decoded.
     """
     root = Path(root).resolve()
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if not root.is_dir():
         raise FileNotFoundError(f"DICOM root is not a folder: {root}")
-    options = {"workers": workers, "processes": processes, "progress": progress, "allow_modalities": allow_modalities}
+    options = {"workers": workers, "processes": processes, "progress": progress, "allow_modalities": allow_modalities,
+               "limits": limits}
     if layout == "rsna":
         index = build_rsna_index(root, labels_csv, scan_labels_csv=scan_labels_csv, **options)
     elif layout == "cq500":

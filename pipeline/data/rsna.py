@@ -29,6 +29,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
+from pipeline.data.dicom_io import ImageLimits
 from pipeline.data.labels import RSNA_LABELS
 from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
 from pipeline.data.series import (
@@ -131,6 +132,7 @@ def build_rsna_index(
     processes: bool = False,
     progress: bool | None = None,
     allow_modalities: list[str] | None = None,
+    limits: ImageLimits | None = None,
 ) -> ScanIndex:
     """Index an RSNA-layout folder (see module docstring for the rules)."""
     root = Path(root).resolve()
@@ -151,6 +153,7 @@ def build_rsna_index(
         read_headers(image_files(root), workers, processes, progress),
         index.rejects,
         allow_modalities=allow_modalities,
+        limits=limits,
     )
     groups: dict[tuple[str, str, str], list[SliceHeader]] = defaultdict(list)
     for header in headers:

@@ -6,8 +6,13 @@ readers import these without importing the dispatcher back: no import circle.
 * `read_headers`: every file's header read once (``stop_before_pixels``, only the tags the
   index needs), in a thread pool (I/O bound on network disks) or optionally a process pool
   (header parsing is pure Python), with a tqdm bar and rate when there are many files;
+* `split_headers`: files that cannot be slices (not DICOM, a modality not allowed, an image
+  size outside `ImageLimits`: ``dataset.max_pixels`` / ``dataset.min_size``) to the rejects list;
 * `order_series`: one series' slices in z order along the slice normal, with localizers,
-  off-orientation images and duplicate positions moved to the rejects list;
+  off-orientation images and duplicate positions moved to the rejects list; a series that mixes
+  matrix sizes or pixel spacings is kept with a "note:" in the rejects file (`geometry_notes`);
+* `candidate_files`: every file under the root, following symlinked folders (each real folder is
+  walked once, so a symlink loop ends; the skipped link is a rejects row);
 * `read_scan_labels_csv`: a scan-level label table (used where only scan labels exist, e.g.
   the real RSNA subset's `study_labels_derived.csv`).
 
@@ -15,6 +20,11 @@ Order is ascending position along the normal cross(row, column); for axial image
 feet -> head. Where any slice of a series lacks ImagePositionPatient/ImageOrientationPatient the
 whole series falls back to InstanceNumber (mixing the two scales would be meaningless), and the
 fallback is noted in the rejects file (reason starts with "note:"; the slices are kept).
+
+Mixed geometry within a series is kept, not rejected, and noted: every slice is resized on its
+own to the encoder resolutions (224/512), so a 64 x 64 slice among 32 x 32 ones, or a slice of
+another pixel spacing, still yields vectors of the same shape; what the note warns about is that
+anatomy is then not at one scale across the scan (no resampling to a common spacing is done).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import numpy as np
 
 from pipeline.data.dicom_io import (
     HEADER_TAGS,
+    ImageLimits,
     SliceError,
     check_modality,
     clean_text,
@@ -93,6 +104,10 @@ class SliceHeader:
     slice_thickness: float | None = None
     contrast_agent: str = ""
     modality: str = ""
+    rows: int = 0
+    columns: int = 0
+    bits: int = 16
+    pixel_spacing: tuple[float, float] | None = None
 
 
 def header_of(path: str) -> SliceHeader:
@@ -111,9 +126,19 @@ def header_of(path: str) -> SliceHeader:
         )
     if "Rows" not in ds or "Columns" not in ds:
         return SliceHeader(path=path, error="not an image (no Rows/Columns)")
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    try:
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+    except (TypeError, ValueError) as exc:
+        return SliceHeader(path=path, error=f"malformed image size tags: {clean_text(exc, 80)}")
     if samples != 1:
         return SliceHeader(path=path, error=f"not a greyscale image (SamplesPerPixel {samples})")
+    spacing = ds.get("PixelSpacing")
+    try:
+        spacing = tuple(float(v) for v in spacing) if spacing is not None and len(spacing) == 2 else None
+    except (TypeError, ValueError):
+        spacing = None
     normal = slice_normal(ds)
     kernel = ds.get("ConvolutionKernel", "")
     if not isinstance(kernel, (str, bytes)):
@@ -138,6 +163,10 @@ def header_of(path: str) -> SliceHeader:
         slice_thickness=thickness,
         contrast_agent=clean_text(ds.get("ContrastBolusAgent", "")),
         modality=modality_of(ds),
+        rows=rows,
+        columns=columns,
+        bits=bits,
+        pixel_spacing=spacing,
     )
 
 
@@ -185,11 +214,41 @@ def read_headers(
     return results
 
 
-def candidate_files(root: Path) -> list[str]:
-    """Every non-hidden, non-sidecar file under root (absolute paths, sorted for determinism)."""
+def candidate_files(root: Path, rejects: list[Reject] | None = None) -> list[str]:
+    """Every non-hidden, non-sidecar file under root (absolute paths, sorted for determinism).
+
+    Symlinked folders are followed (a series linked into the tree is read like any other); each
+    real folder is walked once, so a link back to an ancestor (a loop) or a second link to the
+    same folder ends there, with a row in `rejects` saying why it was not read again."""
     found: list[str] = []
-    for directory, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    seen: dict[tuple[int, int], str] = {}
+    try:
+        info = os.stat(root)
+        seen[(info.st_dev, info.st_ino)] = str(root)
+    except OSError:
+        pass
+    for directory, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            sub = os.path.join(directory, name)
+            try:
+                info = os.stat(sub)
+            except OSError as exc:  # a dangling or looping link
+                if rejects is not None:
+                    rejects.append(Reject(path=os.path.abspath(sub), reason=f"cannot read folder: {exc.strerror}"))
+                continue
+            key = (info.st_dev, info.st_ino)
+            if key in seen:
+                if rejects is not None:
+                    rejects.append(Reject(
+                        path=os.path.abspath(sub),
+                        reason=f"symlinked folder leads to {os.path.realpath(sub)}, already read as "
+                               f"{seen[key]}: not read twice (a symlink loop or a second link)",
+                    ))
+                continue
+            seen[key] = os.path.abspath(sub)
+            keep.append(name)
+        dirnames[:] = keep
         for name in filenames:
             if name.startswith(".") or Path(name).suffix.lower() in SIDECAR_SUFFIXES:
                 continue
@@ -202,13 +261,17 @@ def split_headers(
     rejects: list[Reject],
     scan_id_of: Callable[[SliceHeader], str] | None = None,
     allow_modalities: list[str] | None = None,
+    limits: ImageLimits | None = None,
 ) -> list[SliceHeader]:
-    """Headers that read and whose modality is allowed (CT by default); the others go to
-    `rejects` with their reason."""
+    """Headers that read, whose modality is allowed (CT by default) and whose image size is within
+    `limits` (default `ImageLimits()`); the others go to `rejects` with their reason."""
+    limits = limits or ImageLimits()
     good = []
     for header in headers:
         if header.error is None:
             header.error = check_modality(header.modality, allow_modalities)
+        if header.error is None:
+            header.error = limits.reason(header.rows, header.columns, bits=header.bits)
         if header.error is not None:
             rejects.append(
                 Reject(
@@ -313,7 +376,37 @@ def order_series(headers: list[SliceHeader], scan_id: str, rejects: list[Reject]
     if headers and not result:
         folder = str(Path(headers[0].path).parent)
         rejects.append(Reject(path=folder, scan_id=scan_id, reason="no usable slices left in the scan"))
+    rejects.extend(geometry_notes(result, scan_id))
     return result
+
+
+def _counted(counts: Counter, unit: str) -> str:
+    return ", ".join(f"{value}{'' if value == 'unknown' else unit} on {n} slice{'s' if n != 1 else ''}"
+                     for value, n in counts.most_common())
+
+
+def geometry_notes(headers: list[SliceHeader], scan_id: str) -> list[Reject]:
+    """"note:" rows for a series whose slices differ in matrix size or pixel spacing (kept: each
+    slice is resized to the encoder resolutions on its own; see the module docstring)."""
+    if len(headers) < 2:
+        return []
+    folder = os.path.dirname(headers[0].path)
+    notes = []
+    sizes = Counter(f"{h.rows}x{h.columns}" for h in headers)
+    if len(sizes) > 1:
+        notes.append(Reject(path=folder, scan_id=scan_id, reason=(
+            f"note: mixed matrix sizes in the series ({_counted(sizes, ' px')}); every slice is resized to "
+            "the encoder resolutions on its own (slices kept)")))
+    spacings = Counter(
+        "unknown" if h.pixel_spacing is None else "x".join(f"{v:g}" for v in np.round(h.pixel_spacing, 3))
+        for h in headers
+    )
+    if len(spacings) > 1:
+        notes.append(Reject(path=folder, scan_id=scan_id, reason=(
+            f"note: mixed pixel spacing in the series ({_counted(spacings, ' mm')}); slices are resized on "
+            "their own, not resampled to one spacing, so anatomy is not at one scale across the scan "
+            "(slices kept)")))
+    return notes
 
 
 def slice_refs(

@@ -29,7 +29,7 @@ from cache.store import FeatureCache
 from pipeline.features.encoder import load_encoder
 from pipeline.features.preprocess import preprocess_slice
 from pipeline.interpret import top_positions
-from pipeline.oof import REQUIRED, OofError, read_oof
+from pipeline.oof import REQUIRED, OofError, check_sample_idx, read_oof
 from pipeline.report.heatmap import conv_maps, display_image, upsample, weighted_map
 from pipeline.report.index import IndexRow, write_index
 from pipeline.report.render import ScanReport, TopSlice, write_report
@@ -139,6 +139,7 @@ def load_run_source(run_dir: str | Path, cache_path: str | Path | None = None, t
     cache = FeatureCache(cache_file)
     try:
         oof = read_oof(oof_path, (*REQUIRED, "sample_idx", "slice_attention", "feature_attention"))
+        check_sample_idx(oof, cache.table.n_slices[[cache.index_of(str(s)) for s in oof["scan_id"]]], oof_path)
     except OofError as exc:
         raise ReportError(str(exc)) from None
     if threshold is None:
