@@ -94,3 +94,99 @@ def test_unwritable_output_is_a_clear_message(data, tmp_path):
     assert f"cannot write {blocker / 'c.h5.lock'}" in result.output, result.output
     with pytest.raises(CacheError):
         extract(blocker / "c.h5", data)
+
+
+# -- issue 16, item 4: a full disk during `drct train` ------------------------------------------
+TRAIN_NAMES = ["any", "bleed"]
+TRAIN_SETS = {"sampler.m": 6, "model.m_key": 3, "model.gru_hidden": 8, "model.aps_gru_hidden": 8, "model.aps_fc": 16,
+              "model.fc_hidden": [16, 12], "model.fusion_dim": 16, "train.batch_size": 16, "train.folds": 3,
+              "train.threads": 1}
+
+
+@pytest.fixture(scope="module")
+def train_cache(tmp_path_factory) -> Path:
+    from pipeline.config import load_config
+    from pipeline.training.synthetic import write_synthetic_cache
+
+    path = tmp_path_factory.mktemp("train_cache") / "features.h5"
+    return write_synthetic_cache(path, load_config(None, TRAIN_SETS), TRAIN_NAMES, n_scans=18, slices=(4, 12),
+                                 scans_per_patient=2, seed=0)
+
+
+def _train(cache_path: Path, out: Path):
+    import json as json_
+
+    sets = [f"--set={k}={json_.dumps(v)}" for k, v in TRAIN_SETS.items()]
+    return CliRunner().invoke(main, ["train", "--cache", str(cache_path), "--out", str(out), "--epochs", "1",
+                                     "--quiet", *sets])
+
+
+def _enospc_on(suffix: str, folder: str):
+    """builtins.open whose writes to a `suffix` file under `folder` fail with ENOSPC (the disk fills)."""
+    real_open = open
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith(suffix) and Path(file).parent.name == folder and "w" in mode:
+            handle = real_open(file, mode, *args, **kwargs)
+
+            class Full(io.RawIOBase):
+                def write(self, data):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+                def close(self):
+                    handle.close()
+
+            return Full()
+        return real_open(file, mode, *args, **kwargs)
+
+    return fake_open
+
+
+def _assert_stopped_cleanly(result, out: Path, message: str):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "basic_ios" not in result.output and "inline_container" not in result.output
+    lines = result.output.strip().splitlines()
+    assert [line for line in lines if not line.startswith("fold ")] == [lines[-1]], result.output  # one line
+    assert lines[-1].startswith("Error: ") and message in lines[-1], result.output
+    assert "fold(s) 0 kept" in result.output and "resume at fold 1" in result.output
+    assert leftovers(out / "x") == []                                       # no checkpoint.pt.tmp anywhere
+    assert (out / "incomplete.json").is_file() and (out / "fold_0" / "checkpoint.pt").is_file()
+    assert not (out / "fold_1" / "checkpoint.pt").exists()
+
+
+def _assert_resumes(cache_path: Path, out: Path):
+    import numpy as np
+
+    fold0 = (out / "fold_0" / "checkpoint.pt").read_bytes()
+    result = _train(cache_path, out)
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output and (out / "fold_0" / "checkpoint.pt").read_bytes() == fold0
+    assert not (out / "incomplete.json").exists() and set(np.load(out / "oof.npz")["fold"]) == {0, 1, 2}
+
+
+def test_full_disk_while_writing_a_checkpoint_is_one_line_and_resumes(train_cache, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr("builtins.open", _enospc_on("checkpoint.pt.tmp", "fold_1"))
+        result = _train(train_cache, out)
+    _assert_stopped_cleanly(result, out, f"no space left on the device of {out / 'fold_1'} while writing checkpoint.pt: "
+                                         "it needs about ")
+    _assert_resumes(train_cache, out)
+
+
+def test_free_space_check_before_a_checkpoint_is_one_line_and_resumes(train_cache, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_check = cache.store.check_free_space
+
+    def full_in_fold_1(directory, needed, what):
+        if Path(directory).name == "fold_1":
+            raise DiskSpaceError(f"no space left on the device of {directory}: {what} needs about "
+                                 f"{needed / 2**20:.1f} MB, 0.0 MB are free")
+        real_check(directory, needed, what)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cache.store, "check_free_space", full_in_fold_1)
+        result = _train(train_cache, out)
+    _assert_stopped_cleanly(result, out, f"no space left on the device of {out / 'fold_1'}: writing checkpoint.pt "
+                                         "needs about ")
+    _assert_resumes(train_cache, out)
