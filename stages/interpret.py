@@ -155,6 +155,7 @@ def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_di
     """
     from cache.store import CacheError
     from pipeline.oof import OofError
+    from pipeline.training.interrupt import TrainingInterrupted
 
     try:
         from stages.options import load_stage_config
@@ -178,6 +179,9 @@ def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_di
             (out_dir / "interpret.json").write_text(json.dumps(json_safe(result), indent=2))
     except (CacheError, OofError) as exc:
         raise click.ClickException(str(exc)) from None
+    except TrainingInterrupted as exc:  # --train-sweep stopped by SIGTERM/SIGINT: one line
+        click.echo(f"drct interpret: {exc.message}", err=True)
+        raise SystemExit(exc.exit_code) from None
     for task, value in result["tasks"].items():
         acc = "n/a" if value["accuracy"] is None else f"{100 * value['accuracy']:.2f}%"
         click.echo(f"{task:14s} {value['n_scans']:6d} scans  {acc}")

@@ -99,6 +99,7 @@ def sweep(config_path, cache_path, m_keys, epochs, out_dir, settings, progress):
     bars = std over folds) and the runs under OUT/runs/. Heads only: no CNN runs.
     """
     from cache.store import CacheError
+    from pipeline.training.interrupt import TrainingInterrupted
     from pipeline.training.trainer import TrainingError
     from stages.train import settings_from_cache
 
@@ -115,6 +116,9 @@ def sweep(config_path, cache_path, m_keys, epochs, out_dir, settings, progress):
         points = run_sweep(config, cache_path, out, keys, epochs, log=lambda s: click.echo(s, err=True), progress=progress)
     except (CacheError, TrainingError, ValueError, OSError) as exc:
         raise StageError(str(exc)) from None
+    except TrainingInterrupted as exc:  # SIGTERM/SIGINT: one line (the run in progress is marked incomplete)
+        click.echo(f"drct sweep: {exc.message}", err=True)
+        raise SystemExit(exc.exit_code) from None
     from pipeline import plots
 
     plots.write_mkey_sweep(points, out / "mkey_sweep.csv", out / "mkey_sweep.png")
