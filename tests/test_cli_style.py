@@ -68,8 +68,11 @@ def test_train_logs_per_epoch_metrics_with_dvclive(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((live / "metrics.json").read_text())
     history = json.loads((tmp_path / "run" / "fold_1" / "history.json").read_text())
-    assert summary["fold1"]["loss"] == pytest.approx(history[-1]["loss"])
-    assert summary["fold1"]["val_macro_f1"] == pytest.approx(history[-1]["val_macro_f1"])
+    last = [json.loads((tmp_path / "run" / f"fold_{k}" / "history.json").read_text())[-1] for k in (0, 1)]
+    assert set(summary) == {"epochs", "last_loss_fold_mean", "last_val_macro_f1_fold_mean", "last_val_macro_auc_fold_mean"}
+    assert summary["last_loss_fold_mean"] == pytest.approx((last[0]["loss"] + last[1]["loss"]) / 2)
+    assert summary["last_val_macro_f1_fold_mean"] == pytest.approx((last[0]["val_macro_f1"] + last[1]["val_macro_f1"]) / 2)
+    assert history[-1]["epoch"] == 2
     rows = (live / "plots" / "metrics" / "fold0" / "loss.tsv").read_text().splitlines()
     assert rows[0].split("\t") == ["step", "loss"] and [r.split("\t")[0] for r in rows[1:]] == ["1", "2"]
     assert (live / "plots" / "metrics" / "fold1" / "val_macro_auc.tsv").is_file()

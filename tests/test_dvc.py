@@ -175,6 +175,35 @@ def test_committed_baseline():
     assert "dvc_plots/" in (REPO / ".gitignore").read_text()
 
 
+EXP_SHOW_META = ("Experiment", "rev", "typ", "Created", "parent")  # the non-data columns of `dvc exp show --csv`
+MAX_COLUMNS = 40
+
+
+def _leaves(value, prefix=""):
+    if isinstance(value, dict):
+        return [leaf for key, item in value.items() for leaf in _leaves(item, f"{prefix}{key}.")]
+    return [prefix[:-1]]
+
+
+def test_metric_columns_of_the_committed_baseline_fit_the_table():
+    """`dvc exp show` has one column per leaf of every declared metrics file: with its meta columns
+    they stay within MAX_COLUMNS (issue 17: 252 before), and the headline has its intervals and n."""
+    import json
+
+    columns = []
+    for stage in dvc_yaml()["stages"].values():
+        for entry in stage.get("metrics", []):
+            path = next(iter(entry)) if isinstance(entry, dict) else entry
+            columns += _leaves(json.loads((REPO / path).read_text()))
+    assert len(EXP_SHOW_META) + len(columns) <= MAX_COLUMNS, columns
+    headline = json.loads((REPO / "metrics/metrics.json").read_text())
+    for key in ("macro_precision", "macro_recall", "macro_f1", "macro_auc", "macro_ap"):
+        assert headline[f"{key}_ci_low"] <= headline[key] <= headline[f"{key}_ci_high"], key
+    assert "n" in headline and "per_class" not in headline and "per_fold" not in headline
+    details = json.loads((REPO / "metrics/metrics_details.json").read_text())
+    assert {"per_class", "per_fold", "calibration", "training_curves"} <= set(details)
+
+
 @pytest.mark.parametrize("config", ["params.yaml", "configs/cq500.yaml", "configs/rsna.yaml"])
 def test_params_files_hold_every_listed_key(config):
     """configs/cq500.yaml and rsna.yaml can replace params.yaml: every params.yaml key a stage
@@ -269,7 +298,7 @@ def test_dvc_repro_and_head_experiment(tmp_path):
     assert len(sweep["points"]) == 2 * 2  # 2 m_key x (attention, random), mean and std over folds
     assert all(set(p) == {"macro_f1", "macro_f1_std"} for p in sweep["points"].values())
     live = json.loads((repo / "metrics/train/metrics.json").read_text())
-    assert {"loss", "val_macro_f1", "val_macro_auc"} <= set(live["fold0"]) and "fold1" in live
+    assert set(live) == {"epochs", "last_loss_fold_mean", "last_val_macro_f1_fold_mean", "last_val_macro_auc_fold_mean"}
     curve = (repo / "metrics/train/plots/metrics/fold1/val_macro_f1.tsv").read_text().splitlines()
     assert curve[0].split("\t") == ["step", "val_macro_f1"] and len(curve) == 1 + TINY_PARAMS["train"]["epochs"]
     cache = repo / "features/features.h5"
@@ -297,6 +326,16 @@ def test_dvc_repro_and_head_experiment(tmp_path):
     assert lr2 and lr2[0][lr_column] == "0.002"
     f1_columns = [c for c in rows[0] if "macro_f1" in c]
     assert f1_columns and all(lr2[0][c] not in ("", "-") for c in f1_columns)
+    # readable: meta and metric columns (not params.yaml's keys, not the dependency hashes) fit MAX_COLUMNS,
+    # and so does the whole table of what changed (README: `dvc exp show --only-changed`)
+    param_keys = {key for key in _leaves(TINY_PARAMS)}
+    deps = {str(d) for st in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values() for d in st.get("deps", [])}
+    deps.add(TINY_PARAMS["dataset"]["data"])  # ${dataset.data}, interpolated
+    data_columns = [c for c in rows[0] if c.split(":")[-1] not in param_keys and c not in deps]
+    assert len(data_columns) <= MAX_COLUMNS, data_columns
+    assert {"macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "macro_ap", "n"} <= {c.split(":")[-1] for c in data_columns}
+    changed = run(str(DVC), "exp", "show", "--csv", "--no-pager", "--only-changed")
+    assert len(next(csv.reader(io.StringIO(changed[changed.index("Experiment"):])))) <= MAX_COLUMNS
     # only params.yaml's keys are params: none of configs/defaults.yaml's other keys is a column
     assert not any(c.endswith(("model.gru_hidden", "train.eval_batch_size", "extract.decode_chunk", "report.top_k"))
                    for c in rows[0])

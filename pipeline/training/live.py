@@ -2,8 +2,9 @@
 
 `drct train --live DIR` passes `EpochLogger(DIR)` as the trainer's `on_epoch` hook. Each fold gets
 its own series (``fold<k>/loss``, ``fold<k>/val_macro_f1``, ``fold<k>/val_macro_auc``) with the
-epoch as the step, so DIR/plots/metrics/fold<k>/*.tsv hold one curve per fold and DIR/metrics.json
-the last epoch of every fold. DIR/dvc.yaml is not written: the pipeline's dvc.yaml declares the
+epoch as the step, so DIR/plots/metrics/fold<k>/*.tsv hold one curve per fold; DIR/metrics.json
+(a DVC metrics file) holds only the epochs and the fold mean of the last epoch's values, so that
+`dvc exp show` is not flooded with per-fold columns. DIR/dvc.yaml is not written: the pipeline's dvc.yaml declares the
 plots, and no DVC experiment is created from here (``dvc exp run`` already makes one).
 """
 
@@ -33,3 +34,22 @@ class EpochLogger:
     def close(self) -> None:
         self.live.make_summary()
         self.live.end()
+        self.write_summary()
+
+    def write_summary(self) -> None:
+        """Replace dvclive's summary (every fold's last value: 3 columns per fold in `dvc exp show`)
+        by four numbers: the epochs and the mean over folds of the last epoch's LOGGED values. The
+        per-fold curves stay in DIR/plots; `drct evaluate` prints each fold's summary."""
+        import json
+
+        path = Path(self.live.dir) / "metrics.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        folds = [v for k, v in summary.items() if k.startswith("fold") and isinstance(v, dict)]
+        compact = {"epochs": summary.get("step")}
+        for key in LOGGED:
+            values = [float(f[key]) for f in folds if f.get(key) is not None]
+            compact[f"last_{key}_fold_mean"] = sum(values) / len(values) if values else None
+        path.write_text(json.dumps(compact, indent=1))
