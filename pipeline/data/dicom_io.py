@@ -250,13 +250,15 @@ def _dcmread(path: str, *, header_only: bool, tags: list[str] | None = None, max
             ds = pydicom.dcmread(_deflated_copy(handle, meta, limit, strict=True))
             ds.filename = path
             return ds
-    if header_only:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
-    if max_pixels is not None:
-        reason = _size_reason(pydicom.dcmread(path, stop_before_pixels=True), ImageLimits(max_pixels, 0))
-        if reason:
-            raise SliceError(reason)
-    return pydicom.dcmread(path)
+        handle.seek(0)  # not deflated: pydicom reads the same open file (one open per file)
+        if header_only:
+            return pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=tags)
+        if max_pixels is not None:
+            reason = _size_reason(pydicom.dcmread(handle, stop_before_pixels=True), ImageLimits(max_pixels, 0))
+            if reason:
+                raise SliceError(reason)
+            handle.seek(0)
+        return pydicom.dcmread(handle)
 
 
 def claimed_pixel_bytes(ds: Dataset) -> int:
