@@ -124,11 +124,34 @@ def _study_uid(path: Path) -> str:
         return ""
 
 
-def _relative_folder(path: Path, root: Path) -> str:
-    try:
-        return str(path.parent.resolve().relative_to(root.resolve())) or "."
-    except ValueError:
-        return str(path.parent)
+def _relative_folder(folder: Path, root: Path) -> str:
+    """`folder` relative to the DICOM folder: as given (a followed symlinked subfolder keeps its name
+    under `root`), else resolved; absolute where it lies outside."""
+    import os
+
+    for a, b in ((Path(os.path.abspath(folder)), Path(os.path.abspath(root))), (folder.resolve(), root.resolve())):
+        try:
+            return str(a.relative_to(b)) or "."
+        except ValueError:
+            continue
+    return str(folder)
+
+
+def reject_rows(index, cache, *, keep_ids: bool) -> list:
+    """Every file and scan left out, as `Reject`s with the cache's ids: the index's rejects (unreadable,
+    not CT, too large or small, duplicate positions; "note:" rows for kept scans), then the ones
+    met while decoding (bad pixel scaling, undecodable pixels; a scan none of whose slices decoded is
+    a row of its own, its folder as the path), which only the cache records (/rejects), so that a rerun
+    that reuses the cache lists them too."""
+    from cache.writer import read_rejects_tables
+
+    rejects = list(index.rejects)
+    if not keep_ids:  # the pseudonyms `run_extraction` gave (the key beside the DICOM folder)
+        from pipeline.pseudonym import key_path, load_or_create_key, pseudonymise_index
+
+        rejects = pseudonymise_index(index, load_or_create_key(key_path(index.root, None))).rejects
+    decoded, _ = read_rejects_tables(cache.file, with_index=False, data_root=cache.attrs.get("data_root") or None)
+    return rejects + decoded
 
 
 def predict_folder(
@@ -213,6 +236,7 @@ def predict_folder(
     if threshold is None:
         threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
     report_threshold = threshold if np.ndim(threshold) == 0 else float((config.get("evaluate") or {}).get("threshold", 0.5))
+    rejects = reject_rows(index, cache, keep_ids=keep_ids)
     table = cache.table
     labels = [display_label(s, p, show_phi) for s, p in zip(table.scan_id, table.patient_id)]
     root = Path(dicom_dir)
@@ -225,14 +249,17 @@ def predict_folder(
             first = Path(str(table.path[table.rows(i)][0]))
             first = first if first.is_absolute() else Path(cache.attrs.get("data_root") or root) / first
             called = preds["prob"][i] >= threshold
-            writer.writerow([label, "predicted", _relative_folder(first, root), _study_uid(first), int(table.n_slices[i]),
+            writer.writerow([label, "predicted", _relative_folder(first.parent, root), _study_uid(first), int(table.n_slices[i]),
                              *(f"{p:.6f}" for p in preds["prob"][i]), *(int(c) for c in called),
                              ";".join(n for n, c in zip(names, called) if c), ""])
-        for reject in index.rejects:
+        shown = dict(zip(np.asarray(table.scan_id).astype(str), labels))
+        for reject in rejects:
             path = Path(reject.path)
-            writer.writerow([display_label(reject.scan_id, "", show_phi) if reject.scan_id else "", "rejected",
-                             _relative_folder(path, root), "", "", *([""] * len(names)), *([""] * len(names)), "",
-                             f"{path.name}: {reject.reason}"])
+            folder, reason = (path, reject.reason) if path.is_dir() else (path.parent, f"{path.name}: {reject.reason}")
+            scan = shown.get(reject.scan_id) or (display_label(reject.scan_id, "", show_phi) if reject.scan_id else "")
+            writer.writerow([scan, "note" if reject.reason.startswith("note:") else "rejected",
+                             _relative_folder(folder, root), "", "", *([""] * len(names)), *([""] * len(names)), "",
+                             reason])
     np.savez(
         out_dir / "predictions.npz",
         scan=np.asarray(labels, dtype=str),
@@ -249,7 +276,8 @@ def predict_folder(
          "threshold": threshold if np.ndim(threshold) == 0 else dict(zip(names, map(float, threshold))),
          "scans": [{"scan": label, "prob": dict(zip(names, map(float, preds["prob"][i])))} for i, label in enumerate(labels)]},
         indent=2))
-    summary = {"predictions": str(csv_path), "n_scans": len(labels), "rejects": len(index.rejects)}
+    summary = {"predictions": str(csv_path), "n_scans": len(labels),
+               "rejects": sum(not r.reason.startswith("note:") for r in rejects)}
     if reports:
         provenance = {**dict(cache.provenance), "weights_digest": cache.provenance.get("weights_digest") or digest}
         source = ReportSource(
@@ -302,7 +330,8 @@ def predict(dicom_dir, run_dir, checkpoint, allow_partial, out_dir, weights, dev
     OUT/features.h5 (feature cache, reused on a rerun), OUT/predictions.csv (one row per scan:
     scan, status=predicted, source_folder (relative to DICOM_DIR), study_uid, n_slices, one
     probability column per class, <class>_label 0/1 at the threshold, findings; then one row
-    per rejected file: status=rejected and the reason), predictions.json/.npz (with slice and
+    per file or scan left out, at indexing or while decoding: status=rejected and the reason,
+    or status=note for a remark on a kept scan), predictions.json/.npz (with slice and
     feature attention) and OUT/reports/index.html + one report per scan. A checkpoint whose
     encoder provenance (weights digest, resolutions, windows, aps_source, preprocessing) does
     not match the encoder here is refused, and so is an incomplete run (RUN_DIR/incomplete.json:
@@ -324,6 +353,6 @@ def predict(dicom_dir, run_dir, checkpoint, allow_partial, out_dir, weights, dev
                                  log=lambda msg: click.echo(msg, err=True))
     except (PredictError, CheckpointError, CacheError, EncoderError, ReportError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{summary['n_scans']} scans ({summary['rejects']} files rejected) -> {summary['predictions']}")
+    click.echo(f"{summary['n_scans']} scans ({summary['rejects']} files or scans rejected) -> {summary['predictions']}")
     if "reports" in summary:
         click.echo(f"reports: {summary['reports']['index']}")

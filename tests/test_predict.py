@@ -181,3 +181,49 @@ def test_predict_uses_the_runs_recorded_thresholds(dicom_dir, tmp_path):
     result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--checkpoint", str(ckpt), "--out", str(out),
                                        "--device", "cpu", "--no-reports", "--no-progress"])
     assert result.exit_code != 0 and "not a thresholds file" in result.output
+
+
+def test_predictions_list_decode_time_rejects(tmp_path):
+    """Issue 16 item 12: slices and whole scans rejected while decoding (slope 0, NaN, 1e300: the
+    cache's /rejects, not the index) are rows of predictions.csv with their reasons, named like
+    the predicted scans (pseudonyms), beside the index-time rejects; a rerun on the reused cache too."""
+    from bad_inputs import retag, series
+
+    data = tmp_path / "dicom"
+    series(data / "good", "1.3.1", n=3, seed=1)
+    partial = series(data / "partial", "1.3.2", n=3, seed=2)
+    retag(partial[1], RescaleSlope="0")  # one bad slice: the scan is kept with two
+    for uid, name, slope in (("1.3.3", "zero", "0"), ("1.3.4", "nan", "NaN"), ("1.3.5", "huge", "1e300")):
+        for path in series(data / name, uid, n=3, seed=3):
+            retag(path, RescaleSlope=slope)  # every slice bad: the whole scan is rejected
+    (data / "good" / "junk.dcm").write_text("not DICOM\n")
+    ckpt = _checkpoint(tmp_path / "ckpt.pt")
+    out = tmp_path / "out"
+    args = ["predict", str(data), "--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu", "--no-reports",
+            "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    with open(out / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    predicted = {r["source_folder"]: r["scan"] for r in rows if r["status"] == "predicted"}
+    assert set(predicted) == {"good", "partial"} and all(s.startswith("scan-") for s in predicted.values())
+    rejected = {(r["source_folder"], r["reason"].split(": ")[0]): r for r in rows if r["status"] == "rejected"}
+    assert rejected[("good", "junk.dcm")]["reason"] == "junk.dcm: not a DICOM file (no DICM preamble and no image tags)"
+    assert rejected[("partial", "im1.dcm")]["reason"] == \
+        "im1.dcm: pixels not decodable: bad pixel scaling: RescaleSlope is 0 (every pixel would have the same value)"
+    assert rejected[("partial", "im1.dcm")]["scan"] == predicted["partial"]
+    why = {"zero": "RescaleSlope is 0", "nan": "RescaleSlope nan", "huge": "RescaleSlope 1e+300"}
+    for folder, text in why.items():
+        scan_row = rejected[(folder, "scan rejected")]
+        assert scan_row["reason"] == "scan rejected: none of its 3 slices could be decoded"
+        assert scan_row["scan"].startswith("scan-") and scan_row["scan"] not in predicted.values()
+        for k in range(3):
+            row = rejected[(folder, f"im{k}.dcm")]
+            assert row["scan"] == scan_row["scan"] and text in row["reason"], row
+            assert row["reason"].startswith(f"im{k}.dcm: pixels not decodable: bad pixel scaling: ")
+    assert len(rejected) == 1 + 1 + 3 * 4 and len(rows) == 2 + len(rejected)
+    assert "(14 files or scans rejected)" in result.output
+    again = CliRunner().invoke(main, args)  # the cache is up to date: its /rejects still give the rows
+    assert again.exit_code == 0, again.output
+    with open(out / "predictions.csv") as handle:
+        assert list(csv.DictReader(handle)) == rows
