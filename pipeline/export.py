@@ -118,6 +118,13 @@ class Selection:
 # -- selection ------------------------------------------------------------------------------
 
 
+def quote_token(token: str, limit: int = 24) -> str:
+    """`token` for an error message: at most `limit` characters (then "..."), control characters
+    and quotes escaped (Python's repr)."""
+    token = str(token)
+    return repr(token[:limit]) + ("..." if len(token) > limit else "")
+
+
 def select(cache: FeatureCache, scan_ids: Sequence[str] | None = None,
            resolutions: Sequence[int] | None = None) -> Selection:
     """Resolve the user's scan ids (None = every scan, cache order; duplicates kept once, first
@@ -129,9 +136,9 @@ def select(cache: FeatureCache, scan_ids: Sequence[str] | None = None,
         wanted = list(dict.fromkeys(str(s) for s in scan_ids))
         index = {sid: i for i, sid in enumerate(table.scan_id)}
         missing = [sid for sid in wanted if sid not in index]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise ExportError(f"{len(missing)} scan id(s) not in {cache.path}: {shown}")
+        if missing:  # one id quoted, truncated: an @FILE of other content (a password file) is not echoed
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise ExportError(f"{len(missing)} scan id(s) not in {cache.path}: {quote_token(missing[0])}{more}")
         scans = np.array([index[sid] for sid in wanted], dtype=np.int64)
     if resolutions is None or len(resolutions) == 0:
         chosen = list(cache.resolutions)

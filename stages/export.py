@@ -9,6 +9,29 @@ import click
 from stages.options import progress_option
 
 
+MAX_ID_LIST_BYTES = 64 << 20  # about 2 million ids
+
+
+def _read_id_list(path: Path) -> list[str]:
+    """The ids of an @FILE, one a line. Messages name the file, never quote its content."""
+    if not path.is_file():
+        raise click.BadParameter(f"scan id list {path} not found", param_hint="--scans")
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_ID_LIST_BYTES + 1)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read scan id list {path}: {exc.strerror or exc}", param_hint="--scans") from None
+    if len(raw) > MAX_ID_LIST_BYTES:
+        raise click.BadParameter(f"scan id list {path} is larger than {MAX_ID_LIST_BYTES >> 20} MiB: "
+                                 "not a list of scan ids", param_hint="--scans")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"scan id list {path} is not UTF-8 text: not a list of scan ids",
+                                 param_hint="--scans") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _split_ids(values: tuple[str, ...]) -> list[str] | None:
     """--scans may be repeated, comma separated, or @FILE (one id per line)."""
     if not values:
@@ -16,10 +39,7 @@ def _split_ids(values: tuple[str, ...]) -> list[str] | None:
     ids: list[str] = []
     for value in values:
         if value.startswith("@"):
-            path = Path(value[1:])
-            if not path.is_file():
-                raise click.BadParameter(f"scan id list {path} not found", param_hint="--scans")
-            ids.extend(line.strip() for line in path.read_text().splitlines() if line.strip())
+            ids.extend(_read_id_list(Path(value[1:])))
         else:
             ids.extend(part.strip() for part in value.split(",") if part.strip())
     if not ids:

@@ -291,3 +291,30 @@ def test_never_writes_inside_the_data_root(tmp_path):
         assert result.exit_code == 1 and "inside the data root" in result.output, result.output
     assert [p for p in root.rglob("*") if p.is_file()] == []
     assert run_cli(cache_path, "--format", "npz", "--out", tmp_path / "outside.npz", "--quiet").exit_code == 0
+
+
+def test_scan_list_file_content_is_never_quoted(cache_path, tmp_path):
+    """Issue 16, weak case: `--scans @FILE` of another file (a password file) quoted its first lines;
+    now one id at most, truncated to 24 characters, control characters escaped; a binary, huge or
+    unreadable FILE is one line naming the file only."""
+    secret = tmp_path / "shadow"
+    lines = [f"user{k}:$6$saltsalt$" + "h" * 60 + f"{k}:19000:0:99999:7:::" for k in range(5)]
+    secret.write_text("\n".join(lines) + "\n")
+    result = run_cli(cache_path, "--format", "npz", "--out", tmp_path / "x.npz", "--quiet", "--scans", f"@{secret}")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"5 scan id(s) not in {cache_path}: 'user0:$6$saltsalt$hhhhhh'... and 4 more" in result.output
+    assert "hhhhhhh" * 2 not in result.output and not any(f"user{k}" in result.output for k in range(1, 5))
+    result = run_cli(cache_path, "--format", "npz", "--out", tmp_path / "x.npz", "--quiet", "--scans", "scan1,a\x1bb\x00")
+    assert "1 scan id(s) not in" in result.output and "'a\\x1bb\\x00'" in result.output
+    assert "\x1b" not in result.output and "\x00" not in result.output
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe" + bytes(range(256)) * 4)
+    result = run_cli(cache_path, "--format", "npz", "--out", tmp_path / "x.npz", "--quiet", "--scans", f"@{binary}")
+    assert result.exit_code == 2 and f"scan id list {binary} is not UTF-8 text" in result.output
+    assert "Traceback" not in result.output and "\x00" not in result.output
+    big = tmp_path / "big"
+    with open(big, "wb") as handle:
+        handle.truncate((64 << 20) + 1)  # sparse: no disk used
+    result = run_cli(cache_path, "--format", "npz", "--out", tmp_path / "x.npz", "--quiet", "--scans", f"@{big}")
+    assert result.exit_code == 2 and "is larger than 64 MiB" in result.output
+    assert not (tmp_path / "x.npz").exists()

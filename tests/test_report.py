@@ -297,3 +297,26 @@ def test_report_pages_screenshot_in_headless_chromium(phantom_run, tmp_path):
             hot = tuple(int(colour_stops()[-1][k:k + 2], 16) for k in (1, 3, 5))  # top of the colour bar
             near = np.abs(image.astype(int) - np.array(hot)).sum(axis=-1) < 30
             assert near.sum() > 20, "the activation colour bar is not on screen"
+
+
+def test_control_characters_in_phi_are_escaped_in_the_html(tmp_path):
+    """Issue 16, weak case: with --show-phi a NUL (or ESC, DEL, C1) byte of PatientID went raw into
+    the page (autoescape only escapes <>&'"); every template value shows them as visible \\xNN."""
+    from bad_inputs import retag, series
+
+    from pipeline.report.build import read_phi
+    from pipeline.report.render import ScanReport, TopSlice, render_html
+
+    dicom = retag(series(tmp_path, "1.9.1", n=1)[0], PatientID="AB\x00CD\x1b[31m", PatientName="Doe\x7fJane\x85")
+    phi = read_phi(dicom)
+    assert "\x00" in phi["PatientID"]  # the header gives the byte back: the page must escape it
+    grey = np.full((8, 8), 0.5)
+    report = ScanReport(label="scan\x07-1", attention=np.array([0.6, 0.4]), slice_index=np.array([0, 1]),
+                        thumbnails=np.stack([grey, grey]), top=[TopSlice(0, 0, 0.6, grey, grey)],
+                        class_names=["ICH"], prob=np.array([0.7]), threshold=0.5, phi=phi)
+    page = render_html(report)
+    controls = [chr(c) for c in (*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0))]
+    assert not any(c in page for c in controls)
+    assert "AB\\x00CD\\x1b[31m" in page and "Doe\\x7fJane\\x85" in page and "scan\\x07-1" in page
+    index_page = render_index([IndexRow("scan\x00-2<b>", "scans/a.html", np.array([0.2]), [])], ["ICH"], 0.5)
+    assert "\x00" not in index_page and "scan\\x00-2&lt;b&gt;" in index_page

@@ -96,12 +96,23 @@ def attention_ticks(peak: float) -> list[dict]:
     return [{"pct": 100.0 * f, "text": f"{peak * f:.3f}"} for f in (0.0, 0.5, 1.0)]
 
 
+# C0 controls but tab, line feed and carriage return; DEL; the C1 controls.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0))}
+
+
+def escape_controls(value):
+    """A template value with its control characters written as visible ``\\xNN`` text (a NUL or an
+    ESC from a header tag such as PatientID would otherwise go raw into the page: autoescape only
+    escapes ``<>&'"``). Applied to every ``{{ ... }}`` output, before autoescaping."""
+    return value.translate(_CONTROL) if isinstance(value, str) else value
+
+
 @lru_cache(maxsize=1)
 def _environment():
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
     return Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html", "j2"]),
-                       undefined=StrictUndefined, trim_blocks=False)
+                       undefined=StrictUndefined, trim_blocks=False, finalize=escape_controls)
 
 
 def render_template(name: str, **context) -> str:
