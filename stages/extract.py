@@ -87,7 +87,9 @@ def extract(config_path, data, layout, labels, scan_labels, out, resolutions, we
     from pipeline.features.extraction import run_extraction
     from pipeline.features.preprocess import PreprocessError
     from pipeline.pseudonym import PseudonymError
+    from pipeline.run_summary import remove_stale, report_extract, start, summary_path
 
+    started = start()
     overrides = {
         "dataset.data": data,
         "dataset.layout": layout,
@@ -112,6 +114,7 @@ def extract(config_path, data, layout, labels, scan_labels, out, resolutions, we
         "extract.tls_key": tls_key,
     }
     config = load_stage_config(config_path, overrides, settings)
+    remove_stale(summary_path(config["extract"]["out"]))  # only a finished run leaves one
     dataset = config["dataset"]
     root = Path(dataset["data"])
     if not root.is_dir():
@@ -126,9 +129,10 @@ def extract(config_path, data, layout, labels, scan_labels, out, resolutions, we
                          dataset.get("cq500_series", "all"), bool(dataset.get("cq500_bone", False)),
                          dataset.get("allow_modalities"), image_limits(dataset))
     try:
-        run_extraction(index, config, progress=progress)
+        result = run_extraction(index, config, progress=progress)
     except (CacheError, EncoderError, PreprocessError, ConfigError, PseudonymError) as exc:
         raise click.ClickException(str(exc)) from None
+    report_extract(result, started, lambda line: click.echo(line, err=True))  # and OUT's .summary.json
 
 
 def settings_keys(settings) -> set[str]:

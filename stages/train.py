@@ -87,11 +87,12 @@ def train(config_path, cache_path, out_dir, model, preset, epochs, folds, fold, 
     out_dir = out_dir or config["train"]["out"]
 
     from cache.store import CacheError, FeatureCache
+    from pipeline.run_summary import report_train, start
     from pipeline.training.folds import FoldError
     from pipeline.training.interrupt import TrainingInterrupted
     from pipeline.training.trainer import TrainingError, run_training
 
-    logger = None
+    started, logger = start(out_dir), None
     try:
         with FeatureCache(cache_path) as cache:
             taken = settings_from_cache(config, dict(cache.provenance), config_path, given)
@@ -112,3 +113,5 @@ def train(config_path, cache_path, out_dir, model, preset, epochs, folds, fold, 
         if logger is not None:
             logger.close()
     click.echo(f"trained {info['model']} on folds {info['folds_run']} of {info['folds']}; run in {out_dir}", file=sys.stdout)
+    quiet = click.get_current_context().meta.get("drct.quiet")  # OUT/summary.json is written either way
+    report_train(info, cache_path, out_dir, started, None if quiet else lambda s: click.echo(s, err=True), live_dir)

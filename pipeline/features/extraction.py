@@ -71,6 +71,8 @@ class ExtractResult:
     wait_seconds: float      # time this process waited for task results
     up_to_date: bool = False
     where: str = ""          # where the tasks ran (this process, a local cluster, a scheduler)
+    done_scans: int = 0      # scans this run encoded into the cache
+    rejected_scans: int = 0  # scans of this run none of whose slices could be decoded
 
 
 def _log(message: str) -> None:
@@ -256,7 +258,7 @@ def _extract(index, todo, skipped, *, scan_order, fingerprints, writer, executor
         runner.warm_up(batch_size, transferred_resolutions(resolutions, aps_source), resolutions, aps_source)
     log(f"tasks run on {executor.description}")
     wait_seconds = encode_seconds = 0.0
-    n_encoded = 0
+    n_encoded = n_rejected_scans = 0
     bar = tqdm(total=total_slices, unit="slice", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     queue: deque = deque(batch for u in plans for batch in plans[u])
     in_flight: deque = deque()
@@ -309,6 +311,7 @@ def _extract(index, todo, skipped, *, scan_order, fingerprints, writer, executor
             for i in members:
                 scan = index.scans[i]
                 if not kept[i]:
+                    n_rejected_scans += 1
                     unit.rejected_scan_ids.append(scan.scan_id)
                     unit.rejected_fingerprints.append(fingerprints[scan.scan_id])
                     unit.rejects.append(Reject(
@@ -345,7 +348,7 @@ def _extract(index, todo, skipped, *, scan_order, fingerprints, writer, executor
     )
     return ExtractResult(
         out_path, csv_path, n_final, n_encoded, n_rejects, skipped, seconds, encode_seconds, wait_seconds,
-        where=executor.description,
+        where=executor.description, done_scans=len(todo) - n_rejected_scans, rejected_scans=n_rejected_scans,
     )
 
 

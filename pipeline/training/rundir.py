@@ -39,7 +39,7 @@ INCOMPLETE_FORMAT = "drct-train-incomplete"
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
 # Written by `drct train`; removed from a run directory before a fresh (not resumed) run.
-RUN_FILES = ("oof.npz", "run.json", "MODEL_CARD.md")
+RUN_FILES = ("oof.npz", "run.json", "MODEL_CARD.md", "summary.json")  # summary: pipeline/run_summary.py
 FOLD_FILES = (CHECKPOINT, HISTORY)
 _FOLD_DIR = re.compile(r"^fold_(\d+)$")
 
