@@ -263,8 +263,10 @@ def test_one_writer_then_sigterm_stops_cleanly_readers_refuse_and_a_rerun_resume
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if "stopped by" in line]
-    assert lines == [(f"drct train: stopped by SIGTERM during fold 1: fold 1 discarded, fold(s) 0 kept; {out} is marked "
-                      "incomplete (incomplete.json): run the same command again to resume at fold 1")], stderr
+    # the signal lands in fold 1 or, on a loaded machine, between the folds: one line either way
+    assert lines in ([(f"drct train: stopped by SIGTERM {when}, fold(s) 0 kept; {out} is marked incomplete "
+                       "(incomplete.json): run the same command again to resume at fold 1")]
+                     for when in ("during fold 1: fold 1 discarded", "after fold 0")), stderr
     assert (out / "incomplete.json").is_file() and (out / "fold_0" / "checkpoint.pt").is_file()
     assert not (out / "fold_1" / "checkpoint.pt").exists() and not list(out.rglob("*.tmp"))
     assert set(np.load(out / "oof.npz")["fold"]) == {0}
