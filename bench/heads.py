@@ -82,12 +82,26 @@ def member_cache(out: Path, member: str, scans: int, seed: int) -> Path:
 def cell_config(cache_path: Path, model: str, fold: int, args) -> dict:
     settings = {"sampler.m": args.m, "model.m_key": args.m_key, "train.folds": args.k, "train.fold": fold,
                 "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.seed": args.seed,
-                "train.threads": args.threads, **MODEL_SETTINGS[model]}
+                "train.threads": args.threads, **MODEL_SETTINGS[model], **extra_settings(args.set)}
     config = load_config(None, settings)
     with FeatureCache(cache_path) as cache:  # the extraction settings of the cache, as `drct train` takes them
         for key in ("weights", "resolutions", "windows", "aps_source"):
             config["extract"][key] = cache.provenance[key]
     return config
+
+
+def extra_settings(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs (YAML values) over every model's settings: an ablation of the whole
+    table. Cells do not record them in their path, so give such a run its own --out."""
+    import yaml
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE")
+        settings[key.strip()] = yaml.safe_load(value)
+    return settings
 
 
 def run_cell(out: Path, scans: int, member: str, model: str, fold: int, args) -> Path:
@@ -99,7 +113,8 @@ def run_cell(out: Path, scans: int, member: str, model: str, fold: int, args) ->
     start = time.perf_counter()
     run_training(config, cache_path, cell, progress=args.progress, log=lambda s: None)
     seconds = time.perf_counter() - start
-    (cell / "cell.json").write_text(json.dumps({"seconds": seconds, "cpu": cpu_flags(), "epochs": args.epochs}))
+    (cell / "cell.json").write_text(json.dumps({"seconds": seconds, "cpu": cpu_flags(), "epochs": args.epochs,
+                                                 "settings": extra_settings(args.set)}))
     print(f"{member:13s} {model:15s} fold {fold} ({scans} scans): {seconds:6.1f} s", flush=True)
     return cell
 
@@ -198,6 +213,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     ap.add_argument("--curve", action="store_true", help="also the learning curve on weak: 300, 1200, 4800 scans")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config setting over every model's (repeatable; use its own --out)")
     ap.add_argument("--table-only", action="store_true", help="only pool the cells already finished")
     ap.add_argument("--progress", action="store_true", help="per-epoch progress bars")
     args = ap.parse_args()
