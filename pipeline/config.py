@@ -191,7 +191,6 @@ class ModelSchema(_Section):
     feature_dim: PositiveInt
     gru_hidden: PositiveInt
     fc_hidden: list[PositiveInt]
-    primary_fc_hidden: list[PositiveInt] | None = []
     dropout: Annotated[float, Field(ge=0, lt=1)]
     input_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.3
     scan_centre_quantile: Annotated[float, Field(ge=0, le=1)] = 0.2

@@ -41,13 +41,13 @@ def departures(config: dict) -> list[dict[str, str]]:
         rows.append({"item": "input dropout", "paper": "dropout 0.5 in the FC layers only",
                      "here": f"also dropout {m.get('input_dropout')} on the 512 input channels of primary and APS "
                              "(model.input_dropout; without it the BiGRU memorises noise channels)"})
-    primary_fc = m.get("primary_fc_hidden", [])
-    if primary_fc is not None and len(primary_fc) != 2:
-        rows.append({"item": "primary network readout", "paper": "three FC layers (ReLU, dropout 0.5)",
-                     "here": f"model.primary_fc_hidden: {list(primary_fc)}: "
-                             + ("one linear layer" if not primary_fc else f"{len(primary_fc) + 1} FC layers")
+    fc_hidden = list(m.get("fc_hidden") or [])
+    if len(fc_hidden) != 2:
+        rows.append({"item": "FC readouts", "paper": "three FC layers (ReLU, dropout 0.5) in primary, APS and fusion",
+                     "here": f"model.fc_hidden: {fc_hidden}: "
+                             + ("one linear layer" if not fc_hidden else f"{len(fc_hidden) + 1} FC layers")
                              + " (with three, the primary at 224 px stays on a plateau and its slice attention "
-                               "stays uniform)"})
+                               "stays uniform; APS and fusion learn slowly)"})
     if float(t.get("weight_decay") or 0.0) != PAPER["weight_decay"]:
         rows.append({"item": "optimiser", "paper": "Adam",
                      "here": f"AdamW, decoupled weight decay {t.get('weight_decay')} (train.weight_decay)"})

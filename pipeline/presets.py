@@ -3,7 +3,7 @@
 
 ``drct2_paper`` is DrCT2 as the paper states it, nothing of ours added where the paper speaks:
 eq. 3 as a parameter-free softmax over the raw 512 values with scale one (x = z * w), no input
-normalisation, no input dropout, three FC layers in the primary network, plain Adam (no weight decay) at the paper's learning rates and
+normalisation, no input dropout, three FC layers in primary, APS and fusion, plain Adam (no weight decay) at the paper's learning rates and
 losses. The project's defaults depart from it (README, "How our protocol differs"); the planted
 family benchmark (bench/heads.py) always runs both.
 """
@@ -17,7 +17,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "model.feature_attention_scale": "one",
         "model.input_norm": "none",
         "model.input_dropout": 0.0,
-        "model.primary_fc_hidden": [256, 128],  # three FC layers, as fc_hidden
+        "model.fc_hidden": [256, 128],  # three FC layers in primary, APS and fusion
         "train.weight_decay": 0.0,
         "train.lr_primary": 0.0005,
         "train.lr_aps": 0.0003,

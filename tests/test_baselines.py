@@ -74,12 +74,15 @@ def test_drct2_paper_preset_departs_from_the_paper_only_in_epochs():
     assert model.primary.standardize is None and model.aps.standardize is None
     assert model.primary.feature_attention.mode == "softmax" and model.primary.feature_attention.scale == 1.0
     linear = [layer for layer in model.primary.classifier if isinstance(layer, torch.nn.Linear)]
-    assert len(linear) == 3  # the paper's three FC layers in the primary network
+    assert len(linear) == 3  # the paper's three FC layers
+    assert len([layer for layer in model.aps.classifier if isinstance(layer, torch.nn.Linear)]) == 3
+    assert len([layer for layer in model.fusion.classifier if isinstance(layer, torch.nn.Linear)]) == 3
     defaults = {d["item"] for d in departures(load_config(None))}
     assert {"feature attention (eq. 3)", "input normalisation", "input dropout", "optimiser",
-            "primary network readout"} <= defaults
-    default_primary = build_model(load_config(None), 6).primary.classifier
-    assert [type(layer) for layer in default_primary] == [torch.nn.Linear]  # one linear readout (issue 15)
+            "FC readouts"} <= defaults
+    default = build_model(load_config(None), 6)
+    for readout in (default.primary.classifier, default.aps.classifier, default.fusion.classifier):
+        assert [type(layer) for layer in readout] == [torch.nn.Linear]  # one linear readout (issue 15)
     with pytest.raises(ValueError, match="unknown preset"):
         preset_overrides("drct3")
 

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(not FAMILY.exists(), reason=f"planted family not
 
 SCANS = 400
 SMALL = {"sampler.m": 28, "model.m_key": 16, "model.gru_hidden": 32, "model.aps_gru_hidden": 32,
-         "model.aps_fc": 64, "model.fusion_dim": 64, "model.fc_hidden": [64, 32], "train.batch_size": 16,
+         "model.aps_fc": 64, "model.fusion_dim": 64, "train.batch_size": 16,
          "train.epochs": 20, "train.folds": 3, "train.fold": 0, "train.threads": 1, "train.seed": 0}
 
 

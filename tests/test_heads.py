@@ -261,8 +261,6 @@ def test_constructor_defaults_agree_with_the_config_defaults():
         params = inspect.signature(cls.__init__).parameters
         for name, value in expected.items():
             if name in params and not (cls is APSNetwork and name in ("gru_hidden", "feature_attention")):
-                if cls is PrimaryNetwork and name == "fc_hidden":
-                    value = tuple(mc["primary_fc_hidden"])  # the primary's own readout (issue 15)
                 default = params[name].default
                 assert (tuple(default) if name == "fc_hidden" else default) == value, (cls.__name__, name)
     assert inspect.signature(APSNetwork.__init__).parameters["gru_hidden"].default == mc["aps_gru_hidden"]

@@ -14,7 +14,7 @@ Shapes::
       --DependenciesLearning--> matrix (B, k, H_a = 2*aps_gru_hidden)
       --readout--> pooled (B, H_a) (mean or max of the rows, model.aps_row_pool: APS has no slice
                    attention) or (B, k*H_a) (readout: flatten)
-      --3 FC--> logits (B, C)
+      --FC readout (model.fc_hidden: one linear layer by default, the paper's three with [256, 128])--> logits (B, C)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class APSNetwork(nn.Module):
         feature_dim: int = 512,
         fc_dim: int = 256,
         gru_hidden: int = 128,
-        fc_hidden: Sequence[int] = (256, 128),
+        fc_hidden: Sequence[int] = (),
         dropout: float = 0.5,
         readout_mode: str = "sum",
         activation: str = "tanh",

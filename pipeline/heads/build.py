@@ -39,8 +39,6 @@ def build_model(config: dict, n_classes: int) -> DrCT | BaselineHead:
     if name in BASELINES:
         return build_baseline(name, mc, n_classes, m)
     fc_hidden = [int(h) for h in mc["fc_hidden"]]
-    primary_fc = mc.get("primary_fc_hidden", [])
-    primary_fc_hidden = fc_hidden if primary_fc is None else [int(h) for h in primary_fc]
     dropout = float(mc["dropout"])
     readout_mode = str(mc.get("readout", "sum"))
     activation = str(mc.get("activation", "tanh"))
@@ -56,7 +54,7 @@ def build_model(config: dict, n_classes: int) -> DrCT | BaselineHead:
         m,
         feature_dim=dim,
         gru_hidden=int(mc["gru_hidden"]),
-        fc_hidden=primary_fc_hidden,
+        fc_hidden=fc_hidden,
         dropout=dropout,
         readout_mode=readout_mode,
         feature_attention=str(mc.get("feature_attention", "learnable")),

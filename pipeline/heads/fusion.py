@@ -16,7 +16,8 @@ literal element-wise sum is not defined. Two shape-consistent readings (config `
     primary matrix element-wise, then flattened (m*H). Closest to the words "summed the two
     feature matrices"; depends on the fixed m.
 
-Either way the sum goes through three FC layers (dropout 0.5) to the fusion logits (B, C).
+Either way the sum goes through the FC readout (the paper's three FC layers with ``model.fc_hidden:
+[256, 128]``; one linear layer by default, pipeline/heads/classifier.py) to the fusion logits (B, C).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class KnowledgeFusion(nn.Module):
         aps_dim: int,
         m: int,
         fusion_dim: int = 256,
-        fc_hidden: Sequence[int] = (256, 128),
+        fc_hidden: Sequence[int] = (),
         dropout: float = 0.5,
     ):
         super().__init__()
