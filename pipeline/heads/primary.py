@@ -17,8 +17,8 @@ Readout (the paper says only that the weighted vectors pass through three FC lay
 
 Readout FC layers (``model.fc_hidden``, shared with APS and fusion): the paper passes the weighted
 vectors through three FC layers (ReLU, dropout 0.5); the default here is one linear layer
-(``fc_hidden=()``), our departure. Measured on the planted family's ``weak`` member at 224 px
-(BENCHMARKS.md, issue 15): with three layers the training loss stays at the constant predictor's for 16 epochs and the slice
+(``fc_hidden=()``), our departure. Measured on the planted family's ``weak`` member at 224 px (BENCHMARKS.md, issue 15):
+with three layers the training loss stays at the constant predictor's for 16 epochs and the slice
 attention stays uniform (27 of 28 slices), with or without their dropout, wider or He-initialised;
 with one linear layer the same network reaches validation AUC 0.78 and puts a lesion slice first in
 75 % of positive scans after 25 epochs. The attention can only learn to rank slices once the readout
