@@ -8,6 +8,7 @@ is asserted in tests/test_bad_input.py.
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np
 import pydicom
 import pydicom.config
 from dicom_fixtures import write_deflated_bomb, write_slice
+
+from cache.writer import rejects_path
 
 SIZE = 16
 PHI = {"PatientName": "Doe^Jane", "PatientID": "MRN-4711-SECRET", "PatientBirthDate": "19610203"}
@@ -167,3 +170,9 @@ def write_corpus(root: str | Path) -> dict[str, str]:
     (root / "odd" / "back_to_root").symlink_to(root, target_is_directory=True)
     case["loop_folder"] = str(root / "odd" / "back_to_root")
     return case
+
+
+def reject_rows(out: Path) -> list[dict]:
+    """The rows of the rejects file beside cache `out` (shared by the bad-input test files)."""
+    with open(rejects_path(out), newline="") as handle:
+        return list(csv.DictReader(handle))

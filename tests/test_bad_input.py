@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from bad_inputs import reject_rows
 
 from cache.store import FeatureCache
 from cache.verify import verify_cache
@@ -48,11 +49,6 @@ def corpus(bad_corpus) -> tuple[Path, dict[str, str]]:
 @pytest.fixture(scope="module")
 def extracted(bad_corpus_cache) -> Path:
     return bad_corpus_cache
-
-
-def reject_rows(out: Path) -> list[dict]:
-    with open(rejects_path(out), newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def reason_of(rows: list[dict], path: str) -> str:

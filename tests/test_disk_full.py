@@ -60,21 +60,7 @@ def test_full_disk_before_the_merge_then_resume(data, tmp_path, monkeypatch):
 def test_disk_filling_during_a_write_is_one_clear_error(data, tmp_path, monkeypatch):
     """The space check passed, then the disk filled (another writer): the plain write fails."""
     out = tmp_path / "features.h5"
-    real_open = open
-
-    def enospc_open(file, mode="r", *args, **kwargs):
-        if str(file).endswith(".h5.tmp") and "w" in mode:
-            handle = real_open(file, mode, *args, **kwargs)
-
-            class Full(io.RawIOBase):
-                def write(self, data):
-                    raise OSError(errno.ENOSPC, "No space left on device")
-
-                def close(self):
-                    handle.close()
-
-            return Full()
-        return real_open(file, mode, *args, **kwargs)
+    enospc_open = _enospc_on(".h5.tmp")
 
     with monkeypatch.context() as patch:
         patch.setattr("builtins.open", enospc_open)
@@ -121,12 +107,12 @@ def _train(cache_path: Path, out: Path):
                                      "--quiet", *sets])
 
 
-def _enospc_on(suffix: str, folder: str):
-    """builtins.open whose writes to a `suffix` file under `folder` fail with ENOSPC (the disk fills)."""
+def _enospc_on(suffix: str, folder: str | None = None):
+    """builtins.open whose writes to a `suffix` file (under `folder`, if given) fail with ENOSPC."""
     real_open = open
 
     def fake_open(file, mode="r", *args, **kwargs):
-        if str(file).endswith(suffix) and Path(file).parent.name == folder and "w" in mode:
+        if str(file).endswith(suffix) and folder in (None, Path(file).parent.name) and "w" in mode:
             handle = real_open(file, mode, *args, **kwargs)
 
             class Full(io.RawIOBase):

@@ -5,7 +5,6 @@ bad-input corpus (tests/bad_inputs.py) and go through one indexing and one extra
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -14,12 +13,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from bad_inputs import reject_rows
 from click.testing import CliRunner
 from dicom_fixtures import write_deflated_bomb
 
 from cache.store import CacheError, FeatureCache
 from cache.verify import verify_cache
-from cache.writer import rejects_path
 from pipeline.config import ConfigError, load_config, read_yaml
 from pipeline.data.dicom_io import ImageLimits, SliceError, read_hu
 from pipeline.data.index import build_scan_index
@@ -46,11 +45,6 @@ def corpus(bad_corpus) -> tuple[Path, dict[str, str]]:
 @pytest.fixture(scope="module")
 def extracted(bad_corpus_cache) -> Path:
     return bad_corpus_cache
-
-
-def reject_rows(out: Path) -> list[dict]:
-    with open(rejects_path(out), newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def reasons_for(rows: list[dict], path: str) -> list[str]:
