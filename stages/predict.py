@@ -182,7 +182,8 @@ def predict_folder(
     from pipeline.data.index import build_scan_index
     from pipeline.features.encoder import load_encoder
     from pipeline.features.extraction import run_extraction
-    from pipeline.report.build import ReportSource, display_label, write_reports
+    from pipeline.report.build import ReportSource, display_label, recorded_thresholds, write_reports
+    from pipeline.report.render import threshold_text
     from pipeline.training.dataset import CachedFeatures
     from pipeline.training.trainer import predict_scans, resolutions
 
@@ -226,16 +227,13 @@ def predict_folder(
         preds[key] = np.mean([np.asarray(o[key], np.float64) for o in outputs], axis=0)
     preds["aps_idx_per_fold"] = np.stack([np.asarray(o["aps_idx"], np.int64) for o in outputs])
     preds["aps_idx"] = ensemble_aps_idx(preds["slice_attention"], preds["aps_idx_per_fold"])
+    threshold_source = None
     if threshold is None:  # per-class thresholds recorded by `drct evaluate RUN --threshold-from oof`
-        from pipeline.calibration import run_thresholds
-
-        threshold = run_thresholds(checkpoints[0].parent.parent, names)
+        threshold, threshold_source = recorded_thresholds(checkpoints[0].parent.parent, names)
         if threshold is not None:
-            log(f"per-class thresholds from {checkpoints[0].parent.parent / 'thresholds.json'}: "
-                + ", ".join(f"{n} {t:.3f}" for n, t in zip(names, threshold)))
+            log(threshold_text(threshold, threshold_source, names))
     if threshold is None:
         threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
-    report_threshold = threshold if np.ndim(threshold) == 0 else float((config.get("evaluate") or {}).get("threshold", 0.5))
     rejects = reject_rows(index, cache, keep_ids=keep_ids)
     table = cache.table
     labels = [display_label(s, p, show_phi) for s, p in zip(table.scan_id, table.patient_id)]
@@ -288,7 +286,8 @@ def predict_folder(
             slice_attention=preds["slice_attention"].astype(np.float64),
             feature_attention=preds["feature_attention"].astype(np.float32),
             label_names=names,
-            threshold=report_threshold,  # the pages mark calls at one threshold (predictions.csv: per class)
+            threshold=threshold,  # the pages call findings as predictions.csv does
+            threshold_source=threshold_source,
             cache=cache,
             provenance=provenance,
             info={"checkpoints": ", ".join(str(c) for c in checkpoints),

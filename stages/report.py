@@ -15,7 +15,9 @@ from stages.options import load_stage_config, progress_option, set_option
 @click.option("--scan", "scans", multiple=True, metavar="ID", help="Scan id to report (repeatable); default: every scan.")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None, help="Feature cache (default: the one in run.json).")
 @click.option("--data-root", default=None, help="Where the DICOM tree is now, if it moved since extraction.")
-@click.option("--threshold", type=float, default=None, help="Decision threshold (default: evaluate.threshold of the run).")
+@click.option("--threshold", type=float, default=None,
+              help="Decision threshold for every class (default: the run's per-class thresholds.json, "
+                   "else evaluate.threshold of the run).")
 @click.option("--show-phi", is_flag=True, help="Show PatientName/PatientID/PatientBirthDate and real scan ids (off by default).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML config for the report section (top_k, thumb_size, display_size).")
@@ -40,7 +42,8 @@ def report(run_dir, out_dir, scans, cache_path, data_root, threshold, show_phi, 
     from pipeline.report.build import ReportError, load_run_source, write_reports
 
     try:
-        source = load_run_source(run_dir, cache_path=cache_path, threshold=threshold, allow_partial=allow_partial)
+        source = load_run_source(run_dir, cache_path=cache_path, threshold=threshold, allow_partial=allow_partial,
+                                 log=lambda msg: click.echo(msg, err=True))
         source.data_root = data_root
         sizes = load_stage_config(config_path, {}, settings)["report"]
         summary = write_reports(source, out_dir, scan_ids=list(scans), show_phi=show_phi, sizes=sizes,

@@ -165,12 +165,16 @@ def test_predict_uses_the_runs_recorded_thresholds(dicom_dir, tmp_path):
     write_thresholds(tmp_path / "run", RSNA_LABELS, thresholds)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--checkpoint", str(ckpt), "--out", str(out),
-                                       "--device", "cpu", "--no-reports", "--no-progress"])
+                                       "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
     with open(out / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:
         assert [int(row[f"{n}_label"]) for n in RSNA_LABELS] == [1, 0, 1, 0, 1, 0]
+    flagged = ", ".join(RSNA_LABELS[::2])  # the pages call findings as predictions.csv does
+    assert (out / "reports" / "index.html").read_text().count(f"</a></td><td>{flagged}</td>") == 2
+    for page in (out / "reports" / "scans").glob("*.html"):
+        assert f"The model flags: {flagged}</p>" in page.read_text() and "thresholds.json" in page.read_text()
     assert json.loads((out / "predictions.json").read_text())["threshold"] == dict(zip(RSNA_LABELS, thresholds.tolist()))
     result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--checkpoint", str(ckpt), "--out", str(out),
                                        "--device", "cpu", "--no-reports", "--no-progress", "--threshold", "0.5"])

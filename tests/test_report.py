@@ -320,3 +320,73 @@ def test_control_characters_in_phi_are_escaped_in_the_html(tmp_path):
     assert "AB\\x00CD\\x1b[31m" in page and "Doe\\x7fJane\\x85" in page and "scan\\x07-1" in page
     index_page = render_index([IndexRow("scan\x00-2<b>", "scans/a.html", np.array([0.2]), [])], ["ICH"], 0.5)
     assert "\x00" not in index_page and "scan\\x00-2&lt;b&gt;" in index_page
+
+
+# -- per-class thresholds on the pages (issue 17) --------------------------------------------------
+
+NOTE = "per-class thresholds from RUN/thresholds.json (F1-maximising on out-of-fold predictions)"
+
+
+def test_per_class_thresholds_call_each_class_at_its_own(tmp_path):
+    """ICH 0.4 >= its 0.3 is flagged though below 0.5; SDH 0.6 < its 0.7 is not though above 0.5."""
+    from pipeline.report.render import ScanReport, TopSlice, render_html, render_png
+
+    grey = np.full((8, 8), 0.5)
+    prob, truth = np.array([0.4, 0.6]), np.array([1.0, 1.0])
+    report = ScanReport(label="s", attention=np.array([0.6, 0.4]), slice_index=np.array([0, 1]),
+                        thumbnails=np.stack([grey, grey]), top=[TopSlice(0, 0, 0.6, grey, grey)],
+                        class_names=["ICH", "SDH"], prob=prob, threshold=[0.3, 0.7], truth=truth,
+                        threshold_source=NOTE)
+    assert report.findings == ["ICH"]
+    page = render_html(report)
+    assert "The model flags: ICH</p>" in page and NOTE in page and "<th>threshold</th><th>&ge; threshold</th>" in page
+    assert '<tr class="positive"><td>ICH</td><td>0.400</td><td>0.300</td><td>yes</td>' in page
+    assert '<tr class="missed"><td>SDH</td><td>0.600</td><td>0.700</td><td>no</td>' in page
+    assert render_png(report, tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    index = render_index([IndexRow("s", "scans/s.html", prob, report.findings, truth=truth)], ["ICH", "SDH"],
+                         [0.3, 0.7], threshold_source=NOTE)
+    assert '</a></td><td>ICH</td>' in index and "missed: SDH" in index and NOTE in index
+    assert 'class="hit">0.400</td>' in index and 'class="">0.600</td>' in index
+    assert "&ge; 0.300" in index and "&ge; 0.700" in index
+    # one threshold: the pages as before
+    report.threshold = 0.5
+    page = render_html(report)
+    assert "threshold 0.5." in page and "<th>&ge; 0.5</th>" in page and "The model flags: SDH</p>" in page
+    assert "per-class" not in render_index([IndexRow("s", "scans/s.html", prob, ["SDH"])], ["ICH", "SDH"], 0.5)
+
+
+def test_report_cli_uses_the_runs_thresholds_and_threshold_overrides(phantom_run, tmp_path):
+    """RUN/thresholds.json (drct evaluate --threshold-from oof) sets the pages' calls; --threshold wins."""
+    from pipeline.calibration import write_thresholds
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(phantom_run[0], run_dir)
+    source = load_run_source(run_dir)
+    names, prob = source.label_names, source.prob[0]
+    # every call flips against 0.5: below 0.5 flagged at half its probability, above it not
+    thresholds = np.where(prob < 0.5, prob / 2, (1 + prob) / 2)
+    write_thresholds(run_dir, names, thresholds)
+    for args, cut in (([], thresholds), (["--threshold", "0.5"], np.full(len(names), 0.5))):
+        out = tmp_path / f"out{len(args)}"
+        result = CliRunner().invoke(report_cmd, [str(run_dir), "--out", str(out), *args])
+        assert result.exit_code == 0, result.output
+        assert ("per-class thresholds from" in result.output) == (not args)
+        page = next((out / "scans").glob("*.html")).read_text()
+        flagged = [n for n, p, t in zip(names, prob, cut) if p >= t]
+        assert flagged == ([n for n, p in zip(names, prob) if p < 0.5] if not args else
+                           [n for n, p in zip(names, prob) if p >= 0.5])
+        for n, p, t in zip(names, prob, cut):
+            shown = f"<td>{t:.3f}</td>" if not args else ""
+            assert f"<td>{n}</td><td>{p:.3f}</td>{shown}<td>{'yes' if p >= t else 'no'}</td>" in page
+        assert ("thresholds.json (F1-maximising" in page) == (not args)
+        assert f"</a></td><td>{', '.join(flagged) or '-'}</td>" in (out / "index.html").read_text()
+
+
+def test_report_cli_refuses_a_corrupt_thresholds_file(phantom_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(phantom_run[0], run_dir)
+    for text in ("{not json", '{"thresholds": {"any": 0.3}}'):
+        (run_dir / "thresholds.json").write_text(text)
+        result = CliRunner().invoke(report_cmd, [str(run_dir), "--out", str(tmp_path / "o")])
+        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "is not a thresholds file" in result.output

@@ -4,7 +4,9 @@ A report needs, per scan: the deterministic evaluation sample (``sample_idx``), 
 attention and feature attention over it, the probabilities, and where each sampled slice's DICOM
 file is (the feature cache's slice table). `drct report` takes these from a run's ``oof.npz``
 (out-of-fold outputs: every scan is reported by the model that did not train on it);
-`drct predict` writes the same arrays for new scans.
+`drct predict` writes the same arrays for new scans. The pages call findings at the run's
+per-class thresholds (RUN/thresholds.json, `drct evaluate --threshold-from oof`) where it has
+them, as predictions.csv does; else at one threshold.
 
 PHI: a scan is named by `display_label`: its scan id, unless that id is (or contains) the
 PatientID -- CQ500's ids "CQ500-CT-n" are the PatientID -- in which case a stable pseudonym
@@ -32,7 +34,7 @@ from pipeline.interpret import top_positions
 from pipeline.oof import REQUIRED, OofError, check_sample_idx, read_oof
 from pipeline.report.heatmap import conv_maps, display_image, upsample, weighted_map
 from pipeline.report.index import IndexRow, write_index
-from pipeline.report.render import ScanReport, TopSlice, write_report
+from pipeline.report.render import ScanReport, TopSlice, threshold_text, write_report
 
 BRAIN_WINDOW = (40.0, 80.0)
 # A near-step window at -200 HU: 1 inside the head (tissue, bone), 0 in the air around it, so the
@@ -80,12 +82,13 @@ class ReportSource:
     slice_attention: np.ndarray      # (n, m)
     feature_attention: np.ndarray    # (n, m, 512)
     label_names: list[str]
-    threshold: float
+    threshold: float | np.ndarray    # one for every class, or (C,) one per class
     cache: FeatureCache
     provenance: dict                 # the cache's provenance (weights, resolutions, windows, aps_source, digest)
     labels: np.ndarray | None = None  # (n, C) reference labels, NaN unknown
     info: dict = field(default_factory=dict)  # shown in the report's provenance table
     data_root: str | None = None     # override of the cache's data_root (DICOM moved)
+    threshold_source: str | None = None  # where per-class thresholds came from (shown on the pages)
 
     def index_of(self, scan_id: str) -> int:
         hits = np.flatnonzero(self.scan_id == scan_id)
@@ -119,10 +122,23 @@ def _resolve(path_like: str, base: Path) -> Path:
     return base / path
 
 
+def recorded_thresholds(run_dir: str | Path, names: Sequence[str]) -> tuple[np.ndarray | None, str | None]:
+    """RUN/thresholds.json's per-class thresholds and the note the pages show about them; (None, None)
+    if the run has none. An invalid file is a ValueError (`run_thresholds`)."""
+    from pipeline.calibration import THRESHOLDS_FILE, run_thresholds
+
+    values = run_thresholds(run_dir, names)
+    if values is None:
+        return None, None
+    return values, (f"per-class thresholds from {Path(run_dir) / THRESHOLDS_FILE} "
+                    "(F1-maximising on out-of-fold predictions)")
+
+
 def load_run_source(run_dir: str | Path, cache_path: str | Path | None = None, threshold: float | None = None,
-                    allow_partial: bool = False) -> ReportSource:
+                    allow_partial: bool = False, log: Callable[[str], None] | None = None) -> ReportSource:
     """A run directory (run.json + oof.npz, see stages/train) -> ReportSource. An incomplete or
-    mixed run is refused (`pipeline.training.rundir.check_run`)."""
+    mixed run is refused (`pipeline.training.rundir.check_run`). Thresholds: `threshold`, else the
+    run's thresholds.json, else evaluate.threshold of its config (0.5); `log` gets one line naming them."""
     from pipeline.training.rundir import RunError, check_run
 
     run_dir = Path(run_dir)
@@ -142,12 +158,21 @@ def load_run_source(run_dir: str | Path, cache_path: str | Path | None = None, t
         check_sample_idx(oof, cache.table.n_slices[[cache.index_of(str(s)) for s in oof["scan_id"]]], oof_path)
     except OofError as exc:
         raise ReportError(str(exc)) from None
+    label_names = list(meta.get("label_names") or cache.label_names)
+    source_note = None
+    if threshold is None:
+        try:
+            threshold, source_note = recorded_thresholds(run_dir, label_names)
+        except ValueError as exc:
+            raise ReportError(str(exc)) from None
     if threshold is None:
         threshold = 0.5
         config_path = run_dir / "config.yaml"
         if config_path.is_file():
             config = yaml.safe_load(config_path.read_text()) or {}
             threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
+    if log:
+        log(f"report pages: {threshold_text(threshold, source_note, label_names)}")
     provenance = dict(cache.provenance)
     provenance.update(meta.get("provenance") or {})
     if meta.get("weights_digest"):
@@ -167,12 +192,13 @@ def load_run_source(run_dir: str | Path, cache_path: str | Path | None = None, t
         sample_idx=np.asarray(oof["sample_idx"], np.int64),
         slice_attention=np.asarray(oof["slice_attention"], np.float64),
         feature_attention=np.asarray(oof["feature_attention"], np.float32),
-        label_names=list(meta.get("label_names") or cache.label_names),
+        label_names=label_names,
         threshold=threshold,
         cache=cache,
         provenance=provenance,
         labels=np.asarray(oof["labels"], np.float64) if "labels" in oof else None,
         info=info,
+        threshold_source=source_note,
     )
 
 
@@ -273,6 +299,7 @@ def build_scan_report(
         class_names=list(source.label_names),
         prob=np.asarray(source.prob[i], np.float64),
         threshold=source.threshold,
+        threshold_source=source.threshold_source,
         truth=None if source.labels is None else np.asarray(source.labels[i], np.float64),
         provenance=dict(source.info),
         phi=phi,
@@ -336,7 +363,8 @@ def write_reports(
     if bar is not None:
         bar.close()
     index = write_index(out_dir / "index.html", rows, source.label_names, source.threshold,
-                        banner=trust_banner(source.provenance, source.slice_attention[indices]))
+                        banner=trust_banner(source.provenance, source.slice_attention[indices]),
+                        threshold_source=source.threshold_source)
     summary = {"index": str(index), "scans": written, "failed": failed}
     (out_dir / "reports.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -4,7 +4,8 @@ Where reference labels are known (a trained run's out-of-fold predictions), each
 whether the model's calls agree, and flags false negatives (a missed finding is what a reader
 must not overlook). Rendered from templates/index.html.j2. Sorting is a few lines of inline
 JavaScript (no external resource, like the reports): click a column header to sort by it, click
-again to reverse. Probabilities sort numerically.
+again to reverse. Probabilities sort numerically. With per-class thresholds each class's threshold
+stands under its name and a probability at or above it is marked.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.report.render import class_thresholds, render_template, threshold_text
 
 
 @dataclass
@@ -25,13 +28,13 @@ class IndexRow:
     truth: np.ndarray | None = None  # (C,) reference labels, NaN unknown; None: no labels
 
 
-def agreement(row: IndexRow, class_names: Sequence[str], threshold: float) -> dict:
+def agreement(row: IndexRow, class_names: Sequence[str], threshold: float | Sequence[float]) -> dict:
     """{known, missed (false-negative classes), extra (false-positive classes)} of one row."""
     if row.truth is None:
         return {"known": False, "missed": [], "extra": []}
     truth = np.asarray(row.truth, np.float64)
     known = ~np.isnan(truth)
-    called = np.asarray(row.prob) >= threshold
+    called = np.asarray(row.prob) >= class_thresholds(threshold, len(class_names))
     positive = np.nan_to_num(truth) > 0.5
     missed = [n for n, k, c, t in zip(class_names, known, called, positive) if k and t and not c]
     extra = [n for n, k, c, t in zip(class_names, known, called, positive) if k and c and not t]
@@ -56,10 +59,10 @@ document.querySelectorAll('th[data-col]').forEach(function(th){
 """
 
 
-def render_index(rows: Sequence[IndexRow], class_names: Sequence[str], threshold: float, title: str = "",
-                 banner: str | None = None) -> str:
-    from pipeline.report.render import render_template
-
+def render_index(rows: Sequence[IndexRow], class_names: Sequence[str], threshold: float | Sequence[float],
+                 title: str = "", banner: str | None = None, threshold_source: str | None = None) -> str:
+    """`threshold`: one for every class or one per class; `threshold_source` says where per-class ones came from."""
+    thresholds = class_thresholds(threshold, len(class_names))
     has_truth = any(r.truth is not None for r in rows)
     view, n_known, n_correct, n_fn = [], 0, 0, 0
     for row in rows:
@@ -76,17 +79,20 @@ def render_index(rows: Sequence[IndexRow], class_names: Sequence[str], threshold
             n_fn += bool(a["missed"])
         elif row.truth is not None:
             truth_text, text = "unknown", "-"
-        view.append({"label": row.label, "href": row.href, "findings": list(row.findings), "prob": [float(p) for p in row.prob],
+        view.append({"label": row.label, "href": row.href, "findings": list(row.findings),
+                     "cells": [(float(p), bool(p >= t)) for p, t in zip(row.prob, thresholds)],
                      "peak": float(np.max(row.prob)) if len(row.prob) else 0.0, "truth_text": truth_text,
                      "agreement": text, "agreement_css": css, "missed": bool(a["missed"])})
-    return render_template("index.html.j2", rows=view, class_names=list(class_names), threshold=threshold, title=title,
-                           banner=banner, has_truth=has_truth, n_known=n_known, n_correct=n_correct, n_fn=n_fn,
-                           first_num=4 if has_truth else 2, script=_SCRIPT)
+    return render_template("index.html.j2", rows=view, class_names=list(class_names), thresholds=thresholds.tolist(),
+                           per_class=np.ndim(threshold) > 0, threshold_text=threshold_text(threshold, threshold_source),
+                           title=title, banner=banner, has_truth=has_truth, n_known=n_known, n_correct=n_correct,
+                           n_fn=n_fn, first_num=4 if has_truth else 2, script=_SCRIPT)
 
 
-def write_index(path: str | Path, rows: Sequence[IndexRow], class_names: Sequence[str], threshold: float, title: str = "",
-                banner: str | None = None) -> Path:
+def write_index(path: str | Path, rows: Sequence[IndexRow], class_names: Sequence[str],
+                threshold: float | Sequence[float], title: str = "", banner: str | None = None,
+                threshold_source: str | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_index(rows, class_names, threshold, title, banner), encoding="utf-8")
+    path.write_text(render_index(rows, class_names, threshold, title, banner, threshold_source), encoding="utf-8")
     return path

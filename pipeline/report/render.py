@@ -4,7 +4,8 @@ Contents: a warning banner when the model cannot have learned usable features (r
 near-uniform slice attention); all m sampled slices as thumbnails with the slice-attention bar
 chart (axis, uniform-attention line, slice positions in mm) under them; the five highest-attention
 slices large, each beside its activation map with a colour bar (see `heatmap`); the model's
-calls with probabilities, threshold and reference labels; model and cache provenance.
+calls with probabilities, threshold (one, or one per class from the run's thresholds.json) and
+reference labels; model and cache provenance.
 
 The HTML comes from the Jinja2 templates in ``templates/`` (autoescaped) and embeds every image as
 a ``data:image/png;base64`` URI with no external resource, so a report can be mailed or archived
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +34,27 @@ from PIL import Image
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 HEAT_CMAP = "inferno"
+
+
+def class_thresholds(threshold: float | Sequence[float], n: int) -> np.ndarray:
+    """One threshold or one per class (in class order) -> (n,) array: every call on a page is
+    ``prob >= class_thresholds(...)``, so the pages agree with predictions.csv."""
+    values = np.asarray(threshold, np.float64)
+    if values.ndim == 0:
+        return np.full(n, float(values))
+    if values.shape != (n,):
+        raise ValueError(f"{values.size} thresholds for {n} classes")
+    return values
+
+
+def threshold_text(threshold: float | Sequence[float], source: str | None = None,
+                   names: Sequence[str] | None = None) -> str:
+    """How the pages name their threshold: "threshold 0.5", or where the per-class ones came from
+    (with `names`, followed by each class's value)."""
+    if np.ndim(threshold) == 0:
+        return f"threshold {float(threshold):g}"
+    text = source or "per-class thresholds"
+    return text + (": " + ", ".join(f"{n} {t:.3f}" for n, t in zip(names, threshold)) if names is not None else "")
 
 
 @dataclass
@@ -53,17 +76,22 @@ class ScanReport:
     top: list[TopSlice]                 # the five highest-attention slices, in rank order
     class_names: list[str]
     prob: np.ndarray                    # (C,) probabilities
-    threshold: float
+    threshold: float | Sequence[float]  # one for every class, or (C,) one per class
     truth: np.ndarray | None = None     # (C,) reference labels where known (NaN unknown)
     provenance: dict = field(default_factory=dict)
     phi: dict | None = None             # {"PatientName": ..., ...} only with --show-phi
     n_slices: int | None = None         # slices in the whole scan
     z_mm: np.ndarray | None = None      # (m,) position of each sampled slice, mm from the scan's first slice
     banner: str | None = None           # why this model's output is not to be trusted, if it is not
+    threshold_source: str | None = None  # where per-class thresholds came from (shown on the page)
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return class_thresholds(self.threshold, len(self.class_names))
 
     @property
     def findings(self) -> list[str]:
-        return [name for name, p in zip(self.class_names, self.prob) if p >= self.threshold]
+        return [name for name, p, t in zip(self.class_names, self.prob, self.thresholds) if p >= t]
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -139,10 +167,10 @@ def render_html(report: ScanReport) -> str:
          "mm": t.z_mm, "raw": data_uri(t.raw), "heat": data_uri(heat_rgb(t.heat))}
         for r, t in enumerate(report.top)
     ]
-    rows = []
+    rows, thresholds = [], report.thresholds
     for c, name in enumerate(report.class_names):
         p = float(report.prob[c])
-        called = p >= report.threshold
+        called = p >= thresholds[c]
         truth = ""
         css = "positive" if called else ""
         if report.truth is not None and not np.isnan(report.truth[c]):
@@ -150,11 +178,13 @@ def render_html(report: ScanReport) -> str:
             truth = "positive" if positive else "negative"
             if positive and not called:
                 truth, css = "positive (missed by the model)", "missed"
-        rows.append({"name": name, "prob": p, "call": "yes" if called else "no", "truth": truth, "css": css})
+        rows.append({"name": name, "prob": p, "threshold": float(thresholds[c]), "call": "yes" if called else "no",
+                     "truth": truth, "css": css})
     return render_template(
         "report.html.j2", r=report, m=m, slices=slices, top=top, rows=rows, yticks=attention_ticks(peak),
         uniform_pct=min(100.0, 100.0 / max(m, 1) / peak), colour_stops=colour_stops(),
-        has_mm=report.z_mm is not None,
+        has_mm=report.z_mm is not None, per_class=np.ndim(report.threshold) > 0,
+        threshold_text=threshold_text(report.threshold, report.threshold_source),
     )
 
 
@@ -229,7 +259,12 @@ def render_png(report: ScanReport, path: str | Path, dpi: int = 100) -> Path:
     verdict = "The model flags: " + ", ".join(findings) if findings else "No finding above the threshold."
     probs = "   ".join(f"{name} {float(p):.2f}" for name, p in zip(report.class_names, report.prob))
     ax.text(0, 0.75, verdict, fontsize=12, weight="bold", transform=ax.transAxes)
-    ax.text(0, 0.35, f"{probs}   (threshold {report.threshold:g})", fontsize=8, transform=ax.transAxes)
+    if np.ndim(report.threshold) == 0:
+        ax.text(0, 0.35, f"{probs}   (threshold {float(report.threshold):g})", fontsize=8, transform=ax.transAxes)
+    else:
+        ax.text(0, 0.35, probs, fontsize=8, transform=ax.transAxes)
+        ax.text(0, 0.05, threshold_text(report.threshold, report.threshold_source, report.class_names), fontsize=7,
+                transform=ax.transAxes)
     fig.suptitle(f"DrCT2 decision support (not a diagnosis): {report.label}", fontsize=13)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
