@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from cache.store import FeatureCache
 from pipeline.config import load_config
+from pipeline.heads import registry
 from pipeline.interpret import algorithm1, key_slice_mask, sampled_slice_labels
 from pipeline.metrics import classification_metrics, macro_auc, patient_bootstrap_ci
 from pipeline.presets import preset_overrides
@@ -49,12 +50,13 @@ from pipeline.training.trainer import run_training
 
 FAMILY = ROOT.parent / "shared" / "benchmarks" / "planted_family.py"
 MEMBERS = ("weak", "distributed", "majority", "heterogeneous", "tiny", "heavy", "null")
-BASELINE_MODELS = ("pooled_logistic", "meanpool", "abmil")
-MODELS = BASELINE_MODELS + ("drct1", "drct2", "drct2_paper")
-MODEL_SETTINGS = {name: {"model.name": name} for name in MODELS if name != "drct2_paper"}
+# every registered head (pipeline/heads/registry.py), baselines first, then the paper's preset
+BASELINE_MODELS = tuple(name for name in registry.names() if registry.spec(name).baseline)
+MODELS = BASELINE_MODELS + tuple(name for name in registry.names() if name not in BASELINE_MODELS) + ("drct2_paper",)
+MODEL_SETTINGS = {name: {"model.name": name} for name in registry.names()}
 MODEL_SETTINGS["drct2_paper"] = preset_overrides("drct2_paper")
 KEY_SLICE_MEMBERS = ("weak", "heterogeneous", "tiny")
-ATTENTION_MODELS = ("abmil", "drct1", "drct2", "drct2_paper")  # the others have no slice attention
+ATTENTION_MODELS = tuple(name for name in registry.names() if registry.spec(name).slice_attention) + ("drct2_paper",)
 
 
 def cpu_flags() -> str:

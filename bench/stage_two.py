@@ -32,7 +32,7 @@ from pipeline.config import load_config
 from pipeline.features.encoder import EncoderRunner, load_encoder
 from pipeline.heads.build import build_model
 from pipeline.training.dataset import CachedFeatures
-from pipeline.training.losses import DrCTLoss
+from pipeline.training.losses import head_loss
 from pipeline.training.synthetic import synthetic_features
 from pipeline.training.trainer import optimizer_for, train_epoch
 
@@ -82,7 +82,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(config, len(names))
     optimizer = optimizer_for(model, config)
-    loss_fn = DrCTLoss(config["train"]["loss"])
+    loss_fn = head_loss(config)
     rng = np.random.default_rng(0)
     scans = np.arange(args.scans)
     train_epoch(model, data, scans[: 2 * args.batch_size], 28, args.batch_size, optimizer, loss_fn, rng)  # warm-up

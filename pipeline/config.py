@@ -185,8 +185,8 @@ class SamplerSchema(_Section):
 
 class ModelSchema(_Section):
     # The one typed list of model settings (values and defaults: configs/defaults.yaml; the head
-    # constructors' own defaults agree with it, tests/test_heads.py). Head names are checked by
-    # pipeline/heads/build.py (which knows every variant).
+    # constructors' own defaults agree with it, tests/test_heads.py). Head names are those of the
+    # head registry (pipeline/heads/registry.py, read at validation time: no second list here).
     name: Annotated[str, Field(min_length=1)]
     feature_dim: PositiveInt
     gru_hidden: PositiveInt
@@ -204,6 +204,18 @@ class ModelSchema(_Section):
     aps_fc: PositiveInt
     aps_gru_hidden: PositiveInt
     fusion_dim: PositiveInt
+
+    @field_validator("name")
+    @classmethod
+    def _registered_head(cls, name):
+        from pipeline.heads import registry
+
+        heads = registry.names()
+        if name.lower() not in heads:
+            close = difflib.get_close_matches(name.lower(), heads, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown model '{name}'; choose from {', '.join(heads)}{hint}")
+        return name
 
 
 class TrainSchema(_Section):

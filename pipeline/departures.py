@@ -8,7 +8,7 @@ family, BENCHMARKS.md, issue 15). `departures(config)` returns the rules the con
 
 from __future__ import annotations
 
-from pipeline.heads.names import BASELINES
+from pipeline.heads import registry
 
 PAPER = {"feature_attention": "softmax", "feature_attention_scale": "one", "input_norm": "none",
          "input_dropout": 0.0, "weight_decay": 0.0, "lr_primary": 0.0005, "lr_aps": 0.0003, "lr_fusion": 0.0005,
@@ -19,9 +19,9 @@ def departures(config: dict) -> list[dict[str, str]]:
     """[{"item", "paper", "here"}] for every way `config` departs from the paper's DrCT1/DrCT2."""
     m, t = config["model"], config["train"]
     name = str(m["name"])
-    if name in BASELINES:
+    if registry.spec(name).baseline:
         return [{"item": "model", "paper": "DrCT1 / DrCT2",
-                 "here": f"{name}: a baseline head, not the paper's model (pipeline/heads/{name}.py)"}]
+                 "here": f"{name}: a baseline head, not the paper's model ({registry.source(name)})"}]
     rows = []
     if m.get("feature_attention") != PAPER["feature_attention"]:
         rows.append({"item": "feature attention (eq. 3)", "paper": "softmax over the raw 512 values, no parameters",

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pipeline.heads.names import MODELS
+from pipeline.heads import registry
 from pipeline.presets import PRESETS, preset_overrides
 from stages.options import StageError, load_stage_config, parse_settings, progress_option, set_option
 
@@ -41,10 +41,10 @@ def settings_from_cache(config: dict, provenance: dict, config_path, settings: d
               help="Feature cache from `drct extract` [default: extract.out of the config].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory to write [default: train.out].")
-@click.option("--model", type=click.Choice(list(MODELS)), default=None,
-              help="drct1 = primary network only; drct2 = primary + APS + fusion; baselines on the same cache, "
-                   "folds and sampler: pooled_logistic (L2 logistic on max+mean pooled vectors), meanpool "
-                   "(MLP on the mean slice vector), abmil (gated attention MIL) [model.name].")
+@click.option("--model", type=click.Choice(list(registry.names())), default=None,
+              help="A head of pipeline/heads/registry.py: drct1 = primary network only; drct2 = primary + APS + "
+                   "fusion; the others are baselines on the same cache, folds and sampler (each module's "
+                   "docstring says what it is) [model.name].")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Named settings over the config file (under --set): drct2_paper = the paper's DrCT2 "
                    "(eq. 3 on raw values, no input normalisation, plain Adam); see pipeline/presets.py.")
@@ -76,8 +76,8 @@ def train(config_path, cache_path, out_dir, model, preset, epochs, folds, fold, 
     \b
     Ablations (paper): --model drct1 (no APS, Table 3); --set model.aps_selection=random
     (Fig. 6); --set model.aps_resolution=first (APS on 224 vectors, Table 4);
-    --set train.loss=bce (Table 2). Baselines: --model
-    pooled_logistic|meanpool|abmil; the paper's own DrCT2: --preset drct2_paper.
+    --set train.loss=bce (Table 2). Baselines: the other --model
+    choices; the paper's own DrCT2: --preset drct2_paper.
     """
     flags = {"model.name": model, "train.epochs": epochs, "train.folds": folds, "train.fold": fold, "train.seed": seed}
     overrides = {**preset_overrides(preset), **{key: value for key, value in flags.items() if value is not None}}

@@ -87,9 +87,9 @@ def test_cached_and_end_to_end_logits_match(tmp_path):
 
         with torch.no_grad():
             inline = model(primary, aps_getter)
-        np.testing.assert_array_equal(inline["aps_idx"].numpy(), cached["aps_idx"])
+        np.testing.assert_array_equal(inline.aps_idx.numpy(), cached["aps_idx"])
         tol = {"rtol": 1e-5, "atol": 1e-6} if rounding else {"rtol": 2e-2, "atol": 2e-3}
         for key in ("logits", "logits_primary", "logits_aps", "prob"):
-            np.testing.assert_allclose(inline[key].numpy(), cached[key], **tol, err_msg=key)
-        np.testing.assert_allclose(inline["slice_attention"].numpy(), cached["slice_attention"], **tol)
+            np.testing.assert_allclose(getattr(inline, key).numpy(), cached[key], **tol, err_msg=key)
+        np.testing.assert_allclose(inline.slice_attention.numpy(), cached["slice_attention"], **tol)
     assert np.ptp(cached["logits"], axis=0).max() > 1e-3  # the two scans give different logits

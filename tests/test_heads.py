@@ -188,17 +188,17 @@ def test_drct2_forward_uses_selected_slices_and_all_parts_learn():
         return gather_aps(aps_all, aps_idx)
 
     out = model(z, getter)
-    expected_idx = torch.sort(torch.topk(out["slice_attention"], K, dim=1).indices, dim=1).values
-    assert torch.equal(out["aps_idx"], expected_idx) and torch.equal(seen["idx"], expected_idx)
+    expected_idx = torch.sort(torch.topk(out.slice_attention, K, dim=1).indices, dim=1).values
+    assert torch.equal(out.aps_idx, expected_idx) and torch.equal(seen["idx"], expected_idx)
     for key, shape in {"logits": (B, C), "prob": (B, C), "prob_primary": (B, C), "prob_aps": (B, C),
                        "slice_attention": (B, M), "feature_attention": (B, M, D), "aps_idx": (B, K)}.items():
-        assert out[key].shape == shape, key
-    (out["logits"].sum() + out["logits_aps"].sum() + out["logits_primary"].sum()).backward()
+        assert getattr(out, key).shape == shape, key
+    (out.logits.sum() + out.logits_aps.sum() + out.logits_primary.sum()).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
     # a tensor of all m APS vectors and the getter give the same result
     model.eval()
-    torch.testing.assert_close(model(z, aps_all)["logits"], model(z, getter)["logits"])
+    torch.testing.assert_close(model(z, aps_all).logits, model(z, getter).logits)
 
 
 def test_drct1_output_format_and_param_groups():
@@ -236,8 +236,8 @@ def test_aps_processes_only_its_m_key_selected_slices():
     with torch.no_grad():
         out = model(z, aps_source)
     assert seen["fc_in"].shape == (2, 3, 512)
-    expected = torch.sort(torch.topk(out["slice_attention"], 3, dim=1).indices, dim=1).values
-    torch.testing.assert_close(out["aps_idx"], expected)
+    expected = torch.sort(torch.topk(out.slice_attention, 3, dim=1).indices, dim=1).values
+    torch.testing.assert_close(out.aps_idx, expected)
     norm = model.aps.standardize
     chosen = torch.gather(aps_source, 1, expected.unsqueeze(-1).expand(-1, -1, 512))
     reference = model.aps.norm((norm(chosen, aps_source)).reshape(6, 512)).reshape(2, 3, 512)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.heads.baseline_base import BaselineHead, scan_norm
+from pipeline.heads.baseline_base import BaselineHead, baseline_sizes, bce_loss, scan_norm
+from pipeline.heads.head import HeadSpec
 
 
 class GatedAttentionMIL(BaselineHead):
@@ -36,3 +37,11 @@ class GatedAttentionMIL(BaselineHead):
         gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
         a = torch.softmax(self.attention_w(gate).squeeze(-1), dim=1)            # (B, m)
         return self.classifier((a.unsqueeze(-1) * h).sum(dim=1)), a
+
+
+def build(config: dict, n_classes: int) -> GatedAttentionMIL:
+    m_key, sizes = baseline_sizes(config)
+    return GatedAttentionMIL(n_classes, m_key, **sizes)
+
+
+SPEC = HeadSpec(build=build, loss_terms=bce_loss, baseline=True, slice_attention=True, primary_view="aps")

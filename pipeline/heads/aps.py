@@ -69,6 +69,11 @@ class APSNetwork(nn.Module):
         pooled_dim = self.out_dim if readout_mode == "sum" else m_key * self.out_dim
         self.classifier = make_classifier(pooled_dim, fc_hidden, n_classes, dropout)
 
+    @property
+    def reads_scan_context(self) -> bool:
+        """Whether forward wants `context`: its input norm centres on the scan's own slices."""
+        return self.standardize is not None and self.standardize.centre == "scan"
+
     def forward(self, features: torch.Tensor, context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`context`: the APS-resolution vectors of all m sampled slices (the scan centre)."""
         if self.standardize is not None:

@@ -2,17 +2,23 @@
 trains with `drct train`, writes the same `oof.npz` and is read by predict, evaluate and interpret.
 
 Baselines (issue 15; DESIGN: "a head that loses to them is broken, whatever its loss curve says")
-read one resolution only, the APS one (512 by default, `model.aps_resolution`): the most
-informative view a cache holds, so no baseline is handicapped against DrCT2's zoom. They have no
-APS: `prob_aps`/`logits_aps` are NaN and `aps_idx` is -1, as for DrCT1.
+read one resolution only, the APS one (512 by default, `model.aps_resolution`; their specs say
+``primary_view="aps"``): the most informative view a cache holds, so no baseline is handicapped
+against DrCT2's zoom. They have no APS: `prob_aps`/`logits_aps` are NaN and `aps_idx` is -1 in the
+run files, as for DrCT1; they are trained on BCE (`bce_loss`), their usual loss, whatever train.loss says.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from pipeline.heads.head import Head, HeadOutput, LossTerm
 from pipeline.heads.input_norm import NORMS, FeatureStandardizer
+
+
+def bce_loss(config: dict) -> tuple[LossTerm, ...]:
+    """A baseline's loss: BCE of its logits (logged as loss_primary, its only network)."""
+    return (LossTerm("primary", "logits", "bce"),)
 
 
 def scan_norm(feature_dim: int, input_norm: str, quantile: float) -> FeatureStandardizer | None:
@@ -25,35 +31,35 @@ def scan_norm(feature_dim: int, input_norm: str, quantile: float) -> FeatureStan
     return FeatureStandardizer(feature_dim, "scan" if input_norm == "scan" else "dataset", quantile)
 
 
-class BaselineHead(nn.Module):
-    """Base of the baseline heads: subclasses implement `scores(z) -> (logits, slice_attention)`."""
+def baseline_sizes(config: dict) -> tuple[int, dict]:
+    """(m_key, the keyword arguments meanpool and abmil share) from the config: DrCT's input norm
+    and input dropout, model.baseline_hidden, model.dropout."""
+    mc = config["model"]
+    m_key = min(int(mc["m_key"]), int(config["sampler"]["m"]))
+    return m_key, {"feature_dim": int(mc["feature_dim"]), "hidden": int(mc.get("baseline_hidden", 128)),
+                   "dropout": float(mc["dropout"]), "input_dropout": float(mc.get("input_dropout", 0.3)),
+                   "input_norm": str(mc.get("input_norm", "scan")),
+                   "scan_centre_quantile": float(mc.get("scan_centre_quantile", 0.2))}
+
+
+class BaselineHead(Head):
+    """Base of the baseline heads: subclasses implement `scores(z) -> (logits, slice_attention)`
+    (slice_attention None for a head without one: uniform in the run files)."""
 
     variant = "baseline"
-    selection = "attention"  # no random zoom to seed (trainer.predict_scans reads it)
 
     def __init__(self, m_key: int):
         super().__init__()
         self.m_key = int(m_key)
-        self.generator: torch.Generator | None = None
         self.standardize: FeatureStandardizer | None = None
 
     def standardizers(self) -> list[tuple[FeatureStandardizer, str]]:
         """(norm, resolution) pairs whose statistics the trainer sets from the training fold."""
         return [] if self.standardize is None else [(self.standardize, "primary")]
 
-    def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
-    def forward(self, z: torch.Tensor, aps_source=None) -> dict[str, torch.Tensor]:
+    def forward(self, z: torch.Tensor, aps_source=None) -> HeadOutput:
         logits, slice_w = self.scores(z)
-        nan = torch.full_like(logits, float("nan"))
-        prob = torch.sigmoid(logits)
-        return {
-            "logits": logits, "prob": prob, "logits_primary": logits, "prob_primary": prob,
-            "logits_aps": nan, "prob_aps": nan, "slice_attention": slice_w,
-            "feature_attention": torch.full_like(z, 1.0 / z.shape[-1]),
-            "aps_idx": torch.full((z.shape[0], self.m_key), -1, dtype=torch.long, device=z.device),
-        }
-
-    def parameter_groups(self, lr_primary: float, lr_aps: float, lr_fusion: float) -> list[dict]:
-        return [{"params": list(self.parameters()), "lr": lr_primary, "name": self.variant}]
+        return HeadOutput(logits=logits, prob=torch.sigmoid(logits), slice_attention=slice_w)

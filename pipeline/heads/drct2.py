@@ -12,23 +12,25 @@ One forward pass::
 The selection is a hard top-k: no gradient flows through the choice of slices (as in the
 paper, where the APS input is a new CNN pass on the chosen images).
 
-With ``aps=None`` the same class is DrCT1: `prob` is the primary's and the APS outputs are NaN
-(-1 for aps_idx), so every consumer reads one output format.
+With ``aps=None`` the same class is DrCT1: `prob` is the primary's and the APS outputs are absent
+(None; NaN and -1 in the run files, pipeline/heads/head.py), so every consumer reads one format.
+
+The two registry entries (pipeline/heads/registry.py) are `DRCT1` and `DRCT2` at the end: the
+builder from the config, and the paper's loss (eq. 11, ``train.loss``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import nn
 
 from pipeline.heads.aps import APSNetwork
 from pipeline.heads.fusion import KnowledgeFusion
+from pipeline.heads.head import ApsSource, Head, HeadOutput, HeadSpec, LossTerm
 from pipeline.heads.primary import PrimaryNetwork
 
-ApsSource = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 SELECTIONS = ("attention", "random")
+ATTENTION_SCALES = ("dim", "one")
+LOSSES = ("mse_mse_bce", "bce")  # train.loss
 
 
 def select_slices(
@@ -76,13 +78,13 @@ def gather_aps(aps_source: ApsSource, aps_idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(aps_source, 1, index)
 
 
-class DrCT(nn.Module):
+class DrCT(Head):
     """DrCT2 (with `aps` and `fusion`) or DrCT1 (without).
 
-    forward(z (B, m, D), aps_source) -> dict of tensors:
+    forward(z (B, m, D), aps_source) -> HeadOutput:
       logits/prob (B, C) final (fusion for DrCT2, primary for DrCT1); logits_primary,
-      prob_primary, logits_aps, prob_aps (B, C); slice_attention (B, m);
-      feature_attention (B, m, D); aps_idx (B, m_key) (-1 for DrCT1).
+      prob_primary, logits_aps, prob_aps (B, C) (APS: None for DrCT1); slice_attention (B, m);
+      feature_attention (B, m, D); aps_idx (B, m_key) (None for DrCT1).
     `aps_source` is a (B, m, D_aps) tensor of the APS-resolution vectors of the m sampled slices,
     or a callable mapping aps_idx (B, m_key) to (B, m_key, D_aps) (the cache gather).
     """
@@ -112,37 +114,29 @@ class DrCT(nn.Module):
     def variant(self) -> str:
         return "drct1" if self.aps is None else "drct2"
 
-    def forward(self, z: torch.Tensor, aps_source: ApsSource | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, z: torch.Tensor, aps_source: ApsSource | None = None) -> HeadOutput:
         p = self.primary(z)
-        out = {
-            "logits_primary": p["logits"],
-            "prob_primary": p["prob"],
-            "slice_attention": p["slice_attention"],
-            "feature_attention": p["feature_attention"],
-        }
+        primary = {"logits_primary": p["logits"], "prob_primary": p["prob"],
+                   "slice_attention": p["slice_attention"], "feature_attention": p["feature_attention"]}
         if self.aps is None:
-            nan = torch.full_like(p["logits"], float("nan"))
-            out.update(logits=p["logits"], prob=p["prob"], logits_aps=nan, prob_aps=nan)
-            out["aps_idx"] = torch.full((z.shape[0], self.m_key), -1, dtype=torch.long, device=z.device)
-            return out
+            return HeadOutput(logits=p["logits"], prob=p["prob"], **primary)
         if aps_source is None:
             raise ValueError("DrCT2 needs the APS-resolution features (aps_source)")
         aps_idx = select_slices(p["slice_attention"], self.aps.m_key, self.selection, self.generator,
                                 repeated_positions(z))
         context = None
-        if self.aps.standardize is not None and self.aps.standardize.centre == "scan":
+        if self.aps.reads_scan_context:
             every = torch.arange(z.shape[1], device=z.device).expand(z.shape[0], -1)
             context = gather_aps(aps_source, every)
         a = self.aps(gather_aps(aps_source, aps_idx), context)
         logits = self.fusion(p, a, aps_idx)
-        out.update(
-            logits=logits,
-            prob=torch.sigmoid(logits),
-            logits_aps=a["logits"],
-            prob_aps=a["prob"],
-            aps_idx=aps_idx,
-        )
-        return out
+        return HeadOutput(logits=logits, prob=torch.sigmoid(logits), logits_aps=a["logits"], prob_aps=a["prob"],
+                          aps_idx=aps_idx, **primary)
+
+    def evaluation_seed(self, seed: int | None) -> None:
+        """A random APS selection (Fig. 6 ablation) draws from a generator seeded here."""
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None and self.selection == "random" \
+            else None
 
     def standardizers(self) -> list:
         """(norm, resolution) pairs whose statistics the trainer sets from the training fold."""
@@ -158,3 +152,88 @@ class DrCT(nn.Module):
             groups.append({"params": list(self.aps.parameters()), "lr": lr_aps, "name": "aps"})
             groups.append({"params": list(self.fusion.parameters()), "lr": lr_fusion, "name": "fusion"})
         return groups
+
+
+def build_drct(config: dict, n_classes: int, aps: bool = True) -> DrCT:
+    """DrCT2 (or DrCT1 with aps=False) for `n_classes` outputs, sized by config["model"] and
+    sampler.m: every size comes from ``configs/defaults.yaml``; this only wires the parts (like
+    torchvision's ``vgg.py`` builder)."""
+    mc = config["model"]
+    m = int(config["sampler"]["m"])
+    dim = int(mc["feature_dim"])
+    fc_hidden = [int(h) for h in mc["fc_hidden"]]
+    dropout = float(mc["dropout"])
+    readout_mode = str(mc.get("readout", "sum"))
+    activation = str(mc.get("activation", "tanh"))
+    scale = str(mc.get("feature_attention_scale", "dim"))
+    if scale not in ATTENTION_SCALES:
+        raise ValueError(f"unknown model.feature_attention_scale '{scale}'; choose from {ATTENTION_SCALES}")
+    input_dropout = float(mc.get("input_dropout", 0.3))
+    if not 0.0 <= input_dropout < 1.0:
+        raise ValueError(f"model.input_dropout must be in [0, 1), got {input_dropout}")
+    quantile = float(mc.get("scan_centre_quantile", 0.2))
+    primary = PrimaryNetwork(
+        n_classes,
+        m,
+        feature_dim=dim,
+        gru_hidden=int(mc["gru_hidden"]),
+        fc_hidden=fc_hidden,
+        dropout=dropout,
+        readout_mode=readout_mode,
+        feature_attention=str(mc.get("feature_attention", "learnable")),
+        activation=activation,
+        input_norm=str(mc.get("input_norm", "scan")),
+        attention_rescale=scale == "dim",
+        input_dropout=input_dropout,
+        scan_centre_quantile=quantile,
+    )
+    if not aps:
+        return DrCT(primary, m_key=min(int(mc["m_key"]), m))
+    m_key = int(mc["m_key"])
+    if not 1 <= m_key <= m:
+        raise ValueError(f"model.m_key = {m_key} must be between 1 and sampler.m = {m}")
+    aps_network = APSNetwork(
+        n_classes,
+        m_key,
+        feature_dim=dim,
+        fc_dim=int(mc["aps_fc"]),
+        gru_hidden=int(mc["aps_gru_hidden"]),
+        fc_hidden=fc_hidden,
+        dropout=dropout,
+        readout_mode=readout_mode,
+        activation=activation,
+        row_pool=str(mc.get("aps_row_pool", "mean")),
+        input_norm=str(mc.get("input_norm", "scan")),
+        input_dropout=input_dropout,
+        scan_centre_quantile=quantile,
+    )
+    fusion = KnowledgeFusion(
+        n_classes,
+        str(mc["fusion"]),
+        primary.out_dim,
+        aps_network.out_dim,
+        m,
+        fusion_dim=int(mc["fusion_dim"]),
+        fc_hidden=fc_hidden,
+        dropout=dropout,
+    )
+    return DrCT(primary, aps_network, fusion, selection=str(mc["aps_selection"]))
+
+
+def paper_loss(config: dict, aps: bool = True) -> tuple[LossTerm, ...]:
+    """The paper's loss (V.D, eq. 11): Loss_primary + Loss_aps + Loss_fusion (DrCT1: the first).
+    ``train.loss: mse_mse_bce`` (the paper): MSE (eq. 12) on the sigmoid outputs of primary and
+    APS, BCE (eq. 13) for fusion; ``bce``: BCE for all three (the Table 2 comparison)."""
+    kind = str(config["train"]["loss"])
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss '{kind}'; choose from {LOSSES}")
+    each = "mse" if kind == "mse_mse_bce" else "bce"
+    terms = (LossTerm("primary", "logits_primary", each),)
+    if aps:
+        terms += (LossTerm("aps", "logits_aps", each), LossTerm("fusion", "logits", "bce"))
+    return terms
+
+
+DRCT1 = HeadSpec(build=lambda config, n_classes: build_drct(config, n_classes, aps=False),
+                 loss_terms=lambda config: paper_loss(config, aps=False))
+DRCT2 = HeadSpec(build=build_drct, loss_terms=paper_loss)

@@ -47,6 +47,12 @@ class FeatureStandardizer(nn.Module):
         self.register_buffer("mean", torch.zeros(feature_dim))
         self.register_buffer("sd", torch.ones(feature_dim))
 
+    @property
+    def centre_quantile(self) -> float | None:
+        """The quantile each scan is centred on (None: centred on the training mean), which the
+        training sd is then computed after (`CachedFeatures.channel_statistics`)."""
+        return self.quantile if self.centre == "scan" else None
+
     @torch.no_grad()
     def set_statistics(self, mean: torch.Tensor, sd: torch.Tensor, min_sd: float = 1e-3) -> None:
         """Per-channel training statistics (D,); near-constant channels keep sd >= `min_sd`."""

@@ -1,7 +1,7 @@
 """`meanpool` baseline: a small MLP on the mean of a scan's sampled slice vectors (mean-pooling MIL).
 
 z (B, m, D) -> input norm (as DrCT's) -> input dropout -> mean over m -> Linear(D, h) + ReLU +
-dropout -> Linear(h, C). Its slice attention is uniform (it has none), so Algorithm 1 on it is chance.
+dropout -> Linear(h, C). It has no slice attention (uniform in the run files), so Algorithm 1 on it is chance.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.heads.baseline_base import BaselineHead, scan_norm
+from pipeline.heads.baseline_base import BaselineHead, baseline_sizes, bce_loss, scan_norm
+from pipeline.heads.head import HeadSpec
 
 
 class MeanPoolMIL(BaselineHead):
@@ -24,9 +25,16 @@ class MeanPoolMIL(BaselineHead):
         self.mlp = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
                                  nn.Linear(hidden, n_classes))
 
-    def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, None]:
         if self.standardize is not None:
             z = self.standardize(z)
         z = self.input_dropout(z)
-        uniform = torch.full(z.shape[:2], 1.0 / z.shape[1], device=z.device)
-        return self.mlp(z.mean(dim=1)), uniform
+        return self.mlp(z.mean(dim=1)), None
+
+
+def build(config: dict, n_classes: int) -> MeanPoolMIL:
+    m_key, sizes = baseline_sizes(config)
+    return MeanPoolMIL(n_classes, m_key, **sizes)
+
+
+SPEC = HeadSpec(build=build, loss_terms=bce_loss, baseline=True, slice_attention=False, primary_view="aps")

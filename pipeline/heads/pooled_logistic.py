@@ -4,7 +4,8 @@ x = [max_t z_t, mean_t z_t] (2D values) over a scan's m sampled slices (the raw 
 standardised with the training fold's mean and sd, then one L2-penalised logistic regression per
 class, its C chosen by 3-fold inner cross-validation grouped by patient (log loss). Fitted in
 closed form by scikit-learn (`fit`), not by SGD; the coefficients then live in a Linear layer, so
-the head is saved, loaded and applied like every other one.
+the head is saved, loaded and applied like every other one. `drct train` calls `fit_scans`
+(the spec's `fit`) once per fold instead of SGD epochs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.heads.baseline_base import BaselineHead
+from pipeline.heads.baseline_base import BaselineHead, bce_loss
+from pipeline.heads.head import HeadSpec
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -35,10 +37,9 @@ class PooledLogistic(BaselineHead):
         self.linear = nn.Linear(2 * feature_dim, n_classes)
         self.chosen_c: list[float] = []
 
-    def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, None]:
         x = (pooled_vectors(z) - self.mean) / self.sd
-        uniform = torch.full(z.shape[:2], 1.0 / z.shape[1], device=z.device)
-        return self.linear(x), uniform
+        return self.linear(x), None
 
     @torch.no_grad()
     def fit(self, pooled: np.ndarray, labels: np.ndarray, groups: np.ndarray, seed: int = 0) -> list[float]:
@@ -73,3 +74,20 @@ class PooledLogistic(BaselineHead):
         self.linear.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
         self.chosen_c = chosen
         return chosen
+
+
+def build(config: dict, n_classes: int) -> PooledLogistic:
+    m_key = min(int(config["model"]["m_key"]), int(config["sampler"]["m"]))
+    return PooledLogistic(n_classes, m_key, int(config["model"]["feature_dim"]))
+
+
+def fit_scans(model: PooledLogistic, samples, labels: np.ndarray, patients: np.ndarray, seed: int) -> dict:
+    """The closed-form fit on the training scans' evaluation samples ((B, m, D) batches), max+mean
+    pooled; C by inner patient-grouped CV. Returns what the fold's history record adds."""
+    pooled = np.concatenate([pooled_vectors(z).cpu().numpy() for z in samples])
+    model.fit(pooled, labels, patients, seed)
+    return {"chosen_c": model.chosen_c}
+
+
+SPEC = HeadSpec(build=build, loss_terms=bce_loss, baseline=True, slice_attention=False, primary_view="aps",
+                fit=fit_scans)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline.heads.build import build_model
-from pipeline.heads.drct2 import DrCT
+from pipeline.heads.head import Head
 from pipeline.training.rundir import atomic_write_bytes
 
 CHECKPOINT_FORMAT = 1
@@ -31,7 +31,7 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
-def save_checkpoint(path: str | Path, model: DrCT, config: dict, provenance: dict, label_names, fold: int | None) -> Path:
+def save_checkpoint(path: str | Path, model: Head, config: dict, provenance: dict, label_names, fold: int | None) -> Path:
     """Serialised in memory, then written atomically (`rundir.atomic_write_bytes`): a full disk is
     one `cache.store.DiskSpaceError` naming the folder and the size, never a torch stream error,
     and no ``checkpoint.pt.tmp`` is left."""
@@ -72,7 +72,7 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> tuple[DrCT, dict, dict]:
+def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> tuple[Head, dict, dict]:
     """(model in eval mode, its config, meta = provenance, label_names, fold, path)."""
     payload = load_checkpoint(checkpoint_path)
     config = payload["config"]

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch import nn
 from tqdm import tqdm
 
 from cache import store
@@ -39,16 +38,15 @@ from cache.lock import OutputLock
 from cache.store import FeatureCache
 from pipeline.departures import departures
 from pipeline.features.provenance import config_provenance, provenance_differences
-from pipeline.heads.build import build_model, is_baseline, predict
-from pipeline.heads.drct2 import DrCT
-from pipeline.heads.pooled_logistic import PooledLogistic, pooled_vectors
+from pipeline.heads.build import build_model, head_spec, predict
+from pipeline.heads.head import Head, HeadSpec
 from pipeline.metrics import classification_metrics
 from pipeline.training import rundir
 from pipeline.training.checkpoint import save_checkpoint
 from pipeline.training.dataset import CachedFeatures
 from pipeline.training.folds import assign_folds, patients_split_across_folds, read_folds_file
 from pipeline.training.interrupt import StopOnSignal, TrainingInterrupted, signal_name
-from pipeline.training.losses import DrCTLoss
+from pipeline.training.losses import HeadLoss, head_loss
 from pipeline.training.model_card import write_model_card
 from pipeline.training.sampler import TRAIN_PHASES, epoch_plan, eval_positions, sample_positions
 
@@ -148,7 +146,7 @@ def resolutions(config: dict, cache: FeatureCache) -> dict[str, int]:
         raise TrainingError(f"model.aps_resolution must be 'last' or 'first', not '{which}'")
     res = cache.resolutions
     aps = int(res[-1] if which == "last" else res[0])
-    if is_baseline(config):  # baselines read one view, the APS one (pipeline/heads/baseline_base.py)
+    if head_spec(config).primary_view == "aps":  # e.g. the baselines: one view, the APS one
         return {"primary": aps, "aps": aps}
     return {"primary": int(res[0]), "aps": aps}
 
@@ -185,15 +183,14 @@ def deterministic_mode(enabled: bool) -> Callable[[], None]:
     return restore
 
 
-def set_input_statistics(model: nn.Module, data: CachedFeatures, train_scans: np.ndarray) -> None:
+def set_input_statistics(model: Head, data: CachedFeatures, train_scans: np.ndarray) -> None:
     """The input standardisers' channel sd (and mean) from this fold's training scans only (the
-    sd of the scan-centred values where the norm centres each scan)."""
+    sd of the scan-centred values where the norm centres each scan): the head lists them."""
     for norm, resolution in model.standardizers():
-        quantile = norm.quantile if norm.centre == "scan" else None
-        norm.set_statistics(*data.channel_statistics(train_scans, resolution, centre_quantile=quantile))
+        norm.set_statistics(*data.channel_statistics(train_scans, resolution, centre_quantile=norm.centre_quantile))
 
 
-def optimizer_for(model: DrCT, config: dict) -> torch.optim.Optimizer:
+def optimizer_for(model: Head, config: dict) -> torch.optim.Optimizer:
     t = config["train"]
     groups = model.parameter_groups(float(t["lr_primary"]), float(t["lr_aps"]), float(t["lr_fusion"]))
     # AdamW: decoupled weight decay (Adam with weight_decay 0 is the paper's optimiser exactly)
@@ -201,13 +198,13 @@ def optimizer_for(model: DrCT, config: dict) -> torch.optim.Optimizer:
 
 
 def train_epoch(
-    model: DrCT,
+    model: Head,
     data: CachedFeatures,
     scans: np.ndarray,
     m: int,
     batch_size: int,
     optimizer: torch.optim.Optimizer,
-    loss_fn: DrCTLoss,
+    loss_fn: HeadLoss,
     rng: np.random.Generator,
     augment: bool = True,
     bar: tqdm | None = None,
@@ -258,13 +255,13 @@ def train_epoch(
     return result
 
 
-def predict_scans(model: DrCT, data: CachedFeatures, scans: np.ndarray, m: int, batch_size: int, seed: int = 0,
+def predict_scans(model: Head, data: CachedFeatures, scans: np.ndarray, m: int, batch_size: int, seed: int = 0,
                   feature_attention: str = "full") -> dict:
     """Deterministic evaluation of `scans`: the evaluation sample, then model outputs, as numpy.
     feature_attention="count" returns its per-slice effective channel count instead of the
     (B, m, 512) weights (the per-epoch validation; see build.predict)."""
     collected: dict[str, list] = {}
-    model.generator = torch.Generator().manual_seed(seed) if model.selection == "random" else None
+    model.evaluation_seed(seed)
     try:
         for first in range(0, len(scans), batch_size):
             chunk = np.asarray(scans[first : first + batch_size])
@@ -275,12 +272,12 @@ def predict_scans(model: DrCT, data: CachedFeatures, scans: np.ndarray, m: int, 
             for key, value in out.items():
                 collected.setdefault(key, []).append(value)
     finally:
-        model.generator = None
+        model.evaluation_seed(None)
     return {key: np.concatenate(values) for key, values in collected.items()}
 
 
 def train_fold(model, data: CachedFeatures, train_scans: np.ndarray, val_scans: np.ndarray, config: dict,
-               loss_fn: DrCTLoss, rng: np.random.Generator, names: list[str], threshold: float, progress: bool,
+               loss_fn: HeadLoss, rng: np.random.Generator, names: list[str], threshold: float, progress: bool,
                fold: int, on_epoch: Callable[[int, int, dict], None] | None) -> list[dict]:
     """train.epochs epochs of SGD on one fold; returns the per-epoch history (losses, validation
     macro-F1/AUC, attention spread). The model after the last epoch is the fold's model."""
@@ -311,17 +308,20 @@ def train_fold(model, data: CachedFeatures, train_scans: np.ndarray, val_scans: 
     return history
 
 
-def fit_pooled_logistic(model: PooledLogistic, data: CachedFeatures, train_scans: np.ndarray, val_scans: np.ndarray,
-                        m: int, batch_size: int, seed: int, names: list[str], threshold: float) -> dict:
-    """The `pooled_logistic` baseline: closed-form fit on the training scans' evaluation samples
-    (max+mean pooled), C by inner patient-grouped CV; one history record."""
+def fit_closed_form(spec: HeadSpec, model: Head, data: CachedFeatures, train_scans: np.ndarray,
+                    val_scans: np.ndarray, m: int, batch_size: int, seed: int, names: list[str],
+                    threshold: float) -> dict:
+    """A head fitted in closed form (its spec's `fit`, e.g. `pooled_logistic`) on the training
+    scans' evaluation samples instead of SGD epochs; one history record (training BCE of the fit,
+    validation metrics, and what `fit` returns)."""
     start = time.perf_counter()
-    pooled = []
-    for first in range(0, len(train_scans), batch_size):
-        chunk = train_scans[first : first + batch_size]
-        batch = data.batch(chunk, eval_positions(data.n_slices[chunk], m))
-        pooled.append(pooled_vectors(batch.primary).cpu().numpy())
-    model.fit(np.concatenate(pooled), data.labels[train_scans], data.patient_id[train_scans].astype(str), seed)
+
+    def samples():
+        for first in range(0, len(train_scans), batch_size):
+            chunk = train_scans[first : first + batch_size]
+            yield data.batch(chunk, eval_positions(data.n_slices[chunk], m)).primary
+
+    fitted = spec.fit(model, samples(), data.labels[train_scans], data.patient_id[train_scans].astype(str), seed)
     fit_preds = predict_scans(model, data, train_scans, m, batch_size, seed, feature_attention="count")
     eps = 1e-6
     p, y = np.clip(fit_preds["prob"], eps, 1 - eps), data.labels[train_scans]
@@ -329,7 +329,7 @@ def fit_pooled_logistic(model: PooledLogistic, data: CachedFeatures, train_scans
     preds = predict_scans(model, data, val_scans, m, batch_size, seed, feature_attention="count")
     val = classification_metrics(data.labels[val_scans], preds["prob"], names, threshold)
     return {"epoch": 1, "loss": loss, "samples": len(train_scans), "seconds": time.perf_counter() - start,
-            "chosen_c": model.chosen_c, "val_macro_f1": val["macro_f1"], "val_macro_auc": val["macro_auc"],
+            **fitted, "val_macro_f1": val["macro_f1"], "val_macro_auc": val["macro_auc"],
             **attention_spread(preds)}
 
 
@@ -496,7 +496,8 @@ def _train_locked(config: dict, cache: FeatureCache, cache_path, out: Path, res:
         "deterministic": bool(t.get("deterministic", True)),
         "departures_from_paper": departures(config),
     }
-    loss_fn = DrCTLoss("bce" if is_baseline(config) else str(t["loss"]))  # baselines: BCE, their usual loss
+    spec = head_spec(config)
+    loss_fn = head_loss(config)  # the terms the head's spec declares (baselines: BCE, their usual loss)
     eval_batch = int(t.get("eval_batch_size") or 512)
     if int(t["epochs"]) < 1:
         raise TrainingError(f"train.epochs must be at least 1, got {t['epochs']}")
@@ -552,9 +553,9 @@ def _train_locked(config: dict, cache: FeatureCache, cache_path, out: Path, res:
             model = build_model(config, len(names))
             set_input_statistics(model, data, train_scans)
             model = model.to(device)
-            if isinstance(model, PooledLogistic):
-                history = [fit_pooled_logistic(model, data, train_scans, val_scans, m, eval_batch, seed, names,
-                                               threshold)]
+            if spec.fit is not None:
+                history = [fit_closed_form(spec, model, data, train_scans, val_scans, m, eval_batch, seed, names,
+                                           threshold)]
             else:
                 history = train_fold(model, data, train_scans, val_scans, config, loss_fn, rng, names, threshold,
                                      progress, fold, logged)
