@@ -81,7 +81,7 @@ def main() -> None:
 
     from pipeline.config import load_config
     from pipeline.data.index import build_scan_index
-    from pipeline.data.phantom import make_phantom
+    from pipeline.synthetic.phantom import make_phantom
     from pipeline.features.extraction import run_extraction
 
     resolutions = [int(r) for r in args.resolutions.split(",")]

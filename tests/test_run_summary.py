@@ -24,7 +24,7 @@ from pipeline.config import load_config
 from pipeline.features.provenance import config_provenance
 from pipeline.run_summary import SUMMARY_FORMAT, reason_key, report_train, start, summary_path
 from pipeline.training.interrupt import TrainingInterrupted
-from pipeline.training.synthetic import synthetic_features
+from pipeline.synthetic.synthetic import synthetic_features
 from pipeline.training.trainer import run_training
 from stages.cli import main
 

@@ -23,7 +23,7 @@ from pipeline.config import load_config
 from pipeline.training.checkpoint import load_model
 from pipeline.training.dataset import CachedFeatures
 from pipeline.training.interrupt import TrainingInterrupted
-from pipeline.training.synthetic import write_synthetic_cache
+from pipeline.synthetic.synthetic import write_synthetic_cache
 from pipeline.training.trainer import predict_scans, run_training
 from stages.cli import main
 
