@@ -32,8 +32,8 @@ from cache.store import FeatureCache
 from pipeline.config import load_config
 from pipeline.interpret import algorithm1, key_slice_mask, sampled_slice_labels
 from pipeline.metrics import cross_validation_metrics, json_safe, paired_ttest
-from pipeline.training.folds import assign_folds
 from pipeline.synthetic.planted import PlantedSpec, write_planted_cache
+from pipeline.training.folds import assign_folds
 from pipeline.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.config import load_config
 from pipeline.features.encoder import EncoderRunner, load_encoder
 from pipeline.heads.build import build_model
+from pipeline.synthetic.synthetic import synthetic_features
 from pipeline.training.dataset import CachedFeatures
 from pipeline.training.losses import DrCTLoss
-from pipeline.synthetic.synthetic import synthetic_features
 from pipeline.training.trainer import optimizer_for, train_epoch
 
 

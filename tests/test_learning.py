@@ -23,9 +23,9 @@ from cache.store import FeatureCache
 from pipeline.config import load_config
 from pipeline.interpret import algorithm1, key_slice_mask, sampled_slice_labels
 from pipeline.metrics import classification_metrics
+from pipeline.synthetic.planted import PlantedSpec, write_planted_cache
 from pipeline.training.checkpoint import load_model
 from pipeline.training.dataset import CachedFeatures
-from pipeline.synthetic.planted import PlantedSpec, write_planted_cache
 from pipeline.training.sampler import eval_positions
 from pipeline.training.trainer import run_training
 
