@@ -36,9 +36,9 @@ from tqdm import tqdm
 
 from cache import store
 from cache.lock import OutputLock
+from cache.provenance import config_provenance, provenance_differences
 from cache.store import FeatureCache
 from pipeline.departures import departures
-from pipeline.features.provenance import config_provenance, provenance_differences
 from pipeline.heads.build import build_model, is_baseline, predict
 from pipeline.heads.drct2 import DrCT
 from pipeline.heads.pooled_logistic import PooledLogistic, pooled_vectors
