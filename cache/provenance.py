@@ -9,6 +9,8 @@ contract lives here, once: this module imports nothing from `pipeline`.
 
 from __future__ import annotations
 
+import hashlib
+
 # The version of the software (the drct2-pipeline distribution: pipeline, stages, cache) that
 # wrote a cache; `pipeline.__version__` is this value.
 SOFTWARE_VERSION = "0.1.0"
@@ -54,3 +56,10 @@ def provenance_differences(cache_provenance: dict, expected: dict) -> list[str]:
         if have != want:
             differences.append(f"{field}: cache has {have!r}, config wants {want!r}")
     return differences
+
+
+def sop_digest(sop_uid: str) -> str:
+    """A key-independent short digest of a slice's SOP Instance UID: the overlap check between
+    the adaptation scans and a stage-two cache compares these, because scan pseudonyms are keyed to
+    each data root and two roots holding the same scans give different pseudonyms."""
+    return hashlib.sha256(str(sop_uid).encode()).hexdigest()[:20]

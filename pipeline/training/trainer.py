@@ -104,7 +104,7 @@ def check_adaptation_overlap(cache: FeatureCache) -> None:
     with the cache's own: scan pseudonyms are keyed to each data root, so the same scans under two
     roots would not match by id. It fails closed: a sidecar that is gone or lists no digests (an
     older `drct adapt`) is refused, naming the file."""
-    from pipeline.features.adapt import sop_digest
+    from cache.provenance import sop_digest
 
     record = cache.provenance.get("adaptation")
     if not record:
