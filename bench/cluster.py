@@ -81,8 +81,8 @@ def main() -> None:
 
     from pipeline.config import load_config
     from pipeline.data.index import build_scan_index
-    from pipeline.data.phantom import make_phantom
     from pipeline.features.extraction import run_extraction
+    from pipeline.synthetic.phantom import make_phantom
 
     resolutions = [int(r) for r in args.resolutions.split(",")]
     work = Path(tempfile.mkdtemp(prefix="drct-bench-cluster-"))

@@ -1,6 +1,6 @@
 """Planted-signal benchmark (issue 8): do the heads find the lesion slices where the truth is exact?
 
-One run, on one planted cache (pipeline/training/planted.py), with the paper's head settings
+One run, on one planted cache (pipeline/synthetic/planted.py), with the paper's head settings
 (configs/planted.yaml: learning rates, dropout, losses; no raised rates):
 
 * DrCT2 vs DrCT1: pooled and per-fold macro AUC/F1, per class, paired t-test over folds;
@@ -32,8 +32,8 @@ from cache.store import FeatureCache
 from pipeline.config import load_config
 from pipeline.interpret import algorithm1, key_slice_mask, sampled_slice_labels
 from pipeline.metrics import cross_validation_metrics, json_safe, paired_ttest
+from pipeline.synthetic.planted import PlantedSpec, write_planted_cache
 from pipeline.training.folds import assign_folds
-from pipeline.training.planted import PlantedSpec, write_planted_cache
 from pipeline.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ BENCHMARKS.md ("Kill-and-resume soak").
     .venv/bin/python bench/soak.py --mode train [--kills 8] [--scans 45] [--seed 0] [--epochs 2]
                                    [--folds 3] [--epoch-pause 0.5] [--work DIR]
 
-The same for `drct train` (issue 16): a synthetic cache (pipeline/training/synthetic.py, the
+The same for `drct train` (issue 16): a synthetic cache (pipeline/synthetic/synthetic.py, the
 sizes of tests/test_train.py), an uninterrupted `drct train` as the reference, then rounds: each
 round starts a fresh run directory, runs `drct train` in its own process group and sends the
 group SIGTERM or SIGKILL (drawn with the seed) at a moment drawn uniformly over the reference
@@ -156,7 +156,7 @@ LABEL_NAMES = ["any", "bleed", "fracture"]
 
 def make_train_cache(path: Path, scans: int, folds: int, seed: int) -> Path:
     from pipeline.config import load_config
-    from pipeline.training.synthetic import write_synthetic_cache
+    from pipeline.synthetic.synthetic import write_synthetic_cache
 
     config = load_config(None, {**TRAIN_SETTINGS, "train.folds": folds})
     return write_synthetic_cache(path, config, LABEL_NAMES, n_scans=scans, slices=(5, 30), scans_per_patient=2,

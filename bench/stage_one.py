@@ -93,7 +93,7 @@ def main() -> None:
         if args.data:
             data = Path(args.data)
         else:
-            from pipeline.data.phantom import make_phantom
+            from pipeline.synthetic.phantom import make_phantom
 
             data = work / "phantom"
             t = time.perf_counter()

@@ -4,7 +4,7 @@ the estimated epoch of an end-to-end pipeline that reruns VGG16 every epoch.
     .venv/bin/python bench/stage_two.py                 # RSNA size: 21,540 scans, m=28, m_key=16
     .venv/bin/python bench/stage_two.py --scans 2000    # a quick look
 
-Synthetic slice vectors (pipeline.training.synthetic: post-ReLU, log-normal channel scales, a
+Synthetic slice vectors (pipeline.synthetic.synthetic: post-ReLU, log-normal channel scales, a
 planted lesion signal) with 21-60 slices per scan (RSNA, paper Table 1), float16 in memory at
 224 and 512 like a loaded cache. Reports: epoch seconds, the share spent assembling batches
 (sampling + gathers), peak resident memory, VGG16 images/s at 224 and 512 (bf16 autocast +
@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.config import load_config
 from pipeline.features.encoder import EncoderRunner, load_encoder
 from pipeline.heads.build import build_model
+from pipeline.synthetic.synthetic import synthetic_features
 from pipeline.training.dataset import CachedFeatures
 from pipeline.training.losses import head_loss
-from pipeline.training.synthetic import synthetic_features
 from pipeline.training.trainer import optimizer_for, train_epoch
 
 

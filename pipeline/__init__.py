@@ -1,3 +1,4 @@
 """DrCT2 feature-cache pipeline: the library (data, encoder, heads, metrics, reports)."""
 
-__version__ = "0.1.0"
+# One version for the distribution, the one every feature cache records (cache/provenance.py).
+from cache.provenance import SOFTWARE_VERSION as __version__

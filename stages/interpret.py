@@ -16,17 +16,8 @@ import numpy as np
 
 from pipeline.metrics import json_safe
 from pipeline.oof import REQUIRED, check_sample_idx, read_oof
+from pipeline.sweep import macro_f1, sweep_configs
 from stages.options import set_option
-
-
-def macro_f1(labels: np.ndarray, prob: np.ndarray, threshold: float) -> float:
-    """The pooled out-of-fold macro-F1, by `pipeline.metrics` (the same number and name as
-    metrics.json's ``macro_f1``)."""
-    from pipeline.metrics import classification_metrics
-
-    labels = np.asarray(labels, np.float64)
-    names = [str(j) for j in range(labels.shape[1])]
-    return classification_metrics(labels, np.asarray(prob, np.float64), names, threshold)["macro_f1"]
 
 
 def _run_meta(run_dir: Path, allow_partial: bool = False) -> tuple[dict, dict]:
@@ -108,7 +99,6 @@ def train_sweep(run_dir: str | Path, m_keys: list[int], epochs: int | None = Non
     training API, optionally with fewer epochs) into OUT_DIR/sweep/mkey<N>_<selection>/
     (OUT_DIR defaults to RUN_DIR)."""
     from pipeline.training.trainer import run_training
-    from stages.sweep import sweep_configs
 
     run_dir = Path(run_dir)
     meta, config = _run_meta(run_dir)

@@ -33,7 +33,7 @@ def phantom(out, config_path, layout, scans, seed, size, force, settings, progre
     Both write scans_truth.csv (scan-level truth) and phantom.json. A previous
     phantom in OUT is replaced; other non-empty folders need --force.
     """
-    from pipeline.data.phantom import PhantomError, make_phantom
+    from pipeline.synthetic.phantom import PhantomError, make_phantom
 
     overrides = {"phantom.layout": layout, "phantom.scans": scans, "phantom.seed": seed, "phantom.size": size}
     config = load_stage_config(config_path, overrides, settings)

@@ -32,7 +32,7 @@ class PredictError(RuntimeError):
 
 def check_encoder_provenance(checkpoint_provenance: dict, extract_config: dict, digest: str) -> None:
     """Refuse when the encoder/preprocessing here would not reproduce the checkpoint's features."""
-    from pipeline.features.provenance import config_provenance, provenance_differences
+    from cache.provenance import config_provenance, provenance_differences
 
     differences = provenance_differences(checkpoint_provenance, config_provenance(extract_config))
     want = checkpoint_provenance.get("weights_digest")
@@ -64,7 +64,7 @@ def run_checkpoints(run_dir: str | Path, allow_partial: bool = False) -> list[Pa
 
 def load_ensemble(checkpoints: list[Path]):
     """[(model, config, meta)] of the checkpoints; all must share labels, sampler.m and provenance."""
-    from pipeline.features.provenance import CHECKED_FIELDS
+    from cache.provenance import CHECKED_FIELDS
     from pipeline.training.checkpoint import load_model
 
     members = [load_model(path) for path in checkpoints]

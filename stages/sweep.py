@@ -10,37 +10,22 @@ sampler.m change. Each point is the mean out-of-fold macro-F1 over folds with it
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import click
 import numpy as np
 
+from pipeline.sweep import macro_f1, sweep_configs
 from stages.options import StageError, load_stage_config, progress_option, set_option
 
 
 def fold_f1(run_dir: Path, threshold: float) -> tuple[float, float]:
     """(mean, sample std) over folds of the out-of-fold macro-F1 of a run."""
-    from stages.interpret import macro_f1
-
     with np.load(run_dir / "oof.npz") as oof:
         labels, prob, fold = (np.asarray(oof[k], np.float64) for k in ("labels", "prob", "fold"))
     scores = [macro_f1(labels[fold == f], prob[fold == f], threshold) for f in np.unique(fold)]
     return float(np.mean(scores)), float(np.std(scores, ddof=1)) if len(scores) > 1 else float("nan")
-
-
-def sweep_configs(config: dict, m_keys: list[int], epochs: int | None, selections=("attention", "random")):
-    """(m_key, selection, config) for every point of the sweep: the given config at that m_key and
-    APS selection (and `epochs`, when given). Shared by `drct sweep` and `drct interpret --train-sweep`."""
-    for m_key in m_keys:
-        for selection in selections:
-            cfg = copy.deepcopy(config)
-            cfg["model"]["m_key"] = int(m_key)
-            cfg["model"]["aps_selection"] = selection
-            if epochs:
-                cfg["train"]["epochs"] = int(epochs)
-            yield int(m_key), selection, cfg
 
 
 def run_sweep(config: dict, cache_path: str | Path, out_dir: str | Path, m_keys: list[int], epochs: int | None,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.provenance import config_provenance
 from cache.store import write_cache
 from pipeline.features.encoder import load_encoder
-from pipeline.features.provenance import config_provenance
 from pipeline.training.sampler import eval_positions
 
 RESOLUTIONS = [32, 64]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cache.provenance import config_provenance
 from cache.store import write_cache
 from pipeline.config import ConfigError, load_config
-from pipeline.features.provenance import config_provenance
 from stages.cli import SUBCOMMANDS, main
 from stages.options import guess_layout
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from pipeline.config import load_config
 from pipeline.heads.drct2 import repeated_positions, select_slices
+from pipeline.synthetic.synthetic import write_synthetic_cache
 from pipeline.training.dataset import CachedFeatures
-from pipeline.training.synthetic import write_synthetic_cache
 from pipeline.training.trainer import run_training
 from stages.cli import main
 

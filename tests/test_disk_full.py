@@ -92,7 +92,7 @@ TRAIN_SETS = {"sampler.m": 6, "model.m_key": 3, "model.gru_hidden": 8, "model.ap
 @pytest.fixture(scope="module")
 def train_cache(tmp_path_factory) -> Path:
     from pipeline.config import load_config
-    from pipeline.training.synthetic import write_synthetic_cache
+    from pipeline.synthetic.synthetic import write_synthetic_cache
 
     path = tmp_path_factory.mktemp("train_cache") / "features.h5"
     return write_synthetic_cache(path, load_config(None, TRAIN_SETS), TRAIN_NAMES, n_scans=18, slices=(4, 12),

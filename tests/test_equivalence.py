@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cache.provenance import config_provenance
 from cache.store import FeatureCache, write_cache
 from pipeline.config import load_config
 from pipeline.features.encoder import load_encoder
 from pipeline.features.preprocess import preprocess_slice
-from pipeline.features.provenance import config_provenance
 from pipeline.heads.build import build_model
 from pipeline.training.dataset import CachedFeatures
 from pipeline.training.sampler import eval_positions

@@ -139,7 +139,7 @@ def test_interpret_command_on_phantom_run(tmp_path):
     from report_fixtures import cache_from_index, run_from_cache, tiny_provenance
 
     from pipeline.data.index import build_scan_index
-    from pipeline.data.phantom import make_phantom
+    from pipeline.synthetic.phantom import make_phantom
     from pipeline.training.sampler import eval_positions
     from stages.cli import main
 

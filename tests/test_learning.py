@@ -1,5 +1,5 @@
 """The heads learn where the signal is: a short, seeded training run on a small planted cache
-(pipeline/training/planted.py) with the paper's optimiser settings (Adam, lr 5e-4 / 3e-4 / 5e-4,
+(pipeline/synthetic/planted.py) with the paper's optimiser settings (Adam, lr 5e-4 / 3e-4 / 5e-4,
 dropout 0.5, MSE/MSE/BCE), and checks that fail when the model is broken:
 
 * slice attention (eqs. 5-6) must rank lesion slices first (Algorithm 1) - a uniform or
@@ -23,9 +23,9 @@ from cache.store import FeatureCache
 from pipeline.config import load_config
 from pipeline.interpret import algorithm1, key_slice_mask, sampled_slice_labels
 from pipeline.metrics import classification_metrics
+from pipeline.synthetic.planted import PlantedSpec, write_planted_cache
 from pipeline.training.checkpoint import load_model
 from pipeline.training.dataset import CachedFeatures
-from pipeline.training.planted import PlantedSpec, write_planted_cache
 from pipeline.training.sampler import eval_positions
 from pipeline.training.trainer import run_training
 

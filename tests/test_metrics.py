@@ -134,7 +134,7 @@ def test_interpret_and_evaluate_agree_on_every_shared_metric(tmp_path):
     from report_fixtures import cache_from_index, run_from_cache, tiny_provenance
 
     from pipeline.data.index import build_scan_index
-    from pipeline.data.phantom import make_phantom
+    from pipeline.synthetic.phantom import make_phantom
     from stages.cli import main
 
     make_phantom(tmp_path / "dicom", layout="rsna", scans=6, seed=2, size=32)

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.data.labels import CQ500_LABELS, RSNA_LABELS
-from pipeline.data.phantom import (
+from pipeline.synthetic.phantom import (
     CT_IMAGE_STORAGE,
     PhantomError,
     make_phantom,
@@ -21,7 +21,7 @@ from pipeline.data.phantom import (
     render_scan_series,
     sample_scan,
 )
-from pipeline.data.phantom_anatomy import BLEEDS, CLASSES, OWNER_CODE
+from pipeline.synthetic.phantom_anatomy import BLEEDS, CLASSES, OWNER_CODE
 
 SIZE = 48
 SCANS = 6

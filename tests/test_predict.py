@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cache.provenance import config_provenance
 from pipeline.config import load_config
 from pipeline.data.labels import RSNA_LABELS
 from pipeline.features.encoder import load_encoder
-from pipeline.features.provenance import config_provenance
 from pipeline.heads.build import build_model
 from pipeline.training.checkpoint import save_checkpoint
 from stages.cli import main

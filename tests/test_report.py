@@ -64,7 +64,7 @@ def test_index_page_sorts_and_links():
 @pytest.fixture(scope="module")
 def phantom_run(tmp_path_factory):
     """One phantom RSNA scan whose DICOM headers carry a patient name and birth date."""
-    from pipeline.data.phantom import make_phantom
+    from pipeline.synthetic.phantom import make_phantom
 
     root = tmp_path_factory.mktemp("phantom")
     make_phantom(root / "dicom", layout="rsna", scans=1, seed=3, size=64)

@@ -18,13 +18,13 @@ from bad_inputs import pixels, series
 from click.testing import CliRunner
 from dicom_fixtures import write_slice
 
+from cache.provenance import config_provenance
 from cache.store import FeatureCache, write_cache
 from cache.writer import rejects_path
 from pipeline.config import load_config
-from pipeline.features.provenance import config_provenance
 from pipeline.run_summary import SUMMARY_FORMAT, reason_key, report_train, start, summary_path
+from pipeline.synthetic.synthetic import synthetic_features
 from pipeline.training.interrupt import TrainingInterrupted
-from pipeline.training.synthetic import synthetic_features
 from pipeline.training.trainer import run_training
 from stages.cli import main
 

@@ -20,10 +20,10 @@ from click.testing import CliRunner
 
 from cache.store import FeatureCache
 from pipeline.config import load_config
+from pipeline.synthetic.synthetic import write_synthetic_cache
 from pipeline.training.checkpoint import load_model
 from pipeline.training.dataset import CachedFeatures
 from pipeline.training.interrupt import TrainingInterrupted
-from pipeline.training.synthetic import write_synthetic_cache
 from pipeline.training.trainer import predict_scans, run_training
 from stages.cli import main
 

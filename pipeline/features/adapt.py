@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cache.provenance import sop_digest
 from pipeline.features.encoder import VGG16Encoder, load_encoder, weights_digest
 from pipeline.features.preprocess import model_input, window_and_resize
 
@@ -69,13 +70,6 @@ class SliceClassifier(nn.Module):
 
     def forward(self, block4_maps: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.pool(self.block5(block4_maps)), 1))
-
-
-def sop_digest(sop_uid: str) -> str:
-    """A key-independent short digest of a slice's SOP Instance UID: the overlap check between
-    the adaptation scans and a stage-two cache compares these, because scan pseudonyms are keyed to
-    each data root and two roots holding the same scans give different pseudonyms."""
-    return hashlib.sha256(str(sop_uid).encode()).hexdigest()[:20]
 
 
 def labelled_slices(index) -> tuple[list[str], np.ndarray, list[str], list[str]]:

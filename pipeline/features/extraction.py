@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cache.provenance import config_provenance
 from cache.store import FEATURE_DIM, MB, CacheError, free_bytes
 from cache.writer import PartsWriter, ScanFeatures, Unit, input_fingerprint
 from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
@@ -39,7 +40,6 @@ from pipeline.features.adapt import adaptation_record
 from pipeline.features.cluster import ClusterError, DaskExecutor, InlineExecutor, make_security
 from pipeline.features.encoder import EncoderRunner, load_encoder, resolve_device, resolve_precision
 from pipeline.features.preprocess import check_settings, transferred_resolutions
-from pipeline.features.provenance import config_provenance
 from pipeline.features.worker import (
     EncoderSpec,
     decode_and_encode,

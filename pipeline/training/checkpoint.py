@@ -3,7 +3,7 @@
 A checkpoint is ``{"state_dict", "config", "provenance", "label_names", "fold", "format"}``;
 the config is the merged config the model was trained with, so `load_model` rebuilds the same
 architecture, and the provenance is the feature cache's (stage two never applies a head to
-vectors of another encoder: see pipeline.features.provenance).
+vectors of another encoder: see cache.provenance).
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ def _refuse_extra_folds(run_dir: Path, present: dict[int, Path], folds: list[int
 
 def _differences(a: dict, b: dict) -> list[str]:
     """Fields in which two checkpoint payloads differ: model, sampler.m, label names, extraction settings."""
-    from cache.provenance import CHECKED_FIELDS, _normalise
+    from cache.provenance import CHECKED_FIELDS, normalise_field
 
     out = []
     model_a, model_b = (p.get("config", {}).get("model") or {} for p in (a, b))
@@ -277,7 +277,7 @@ def _differences(a: dict, b: dict) -> list[str]:
         out.append(f"label names {list(a.get('label_names') or [])} vs {list(b.get('label_names') or [])}")
     prov_a, prov_b = a.get("provenance") or {}, b.get("provenance") or {}
     for key in (*CHECKED_FIELDS, "weights_digest"):
-        if _normalise(key, prov_a.get(key)) != _normalise(key, prov_b.get(key)):
+        if normalise_field(key, prov_a.get(key)) != normalise_field(key, prov_b.get(key)):
             out.append(f"extraction setting {key} {prov_a.get(key)!r} vs {prov_b.get(key)!r}")
     return out
 

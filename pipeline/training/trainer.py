@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from cache import store
 from cache.lock import OutputLock
+from cache.provenance import config_provenance, provenance_differences
 from cache.store import FeatureCache
 from pipeline.departures import departures
-from pipeline.features.provenance import config_provenance, provenance_differences
 from pipeline.heads.build import build_model, head_spec, predict
 from pipeline.heads.head import Head, HeadSpec
 from pipeline.metrics import classification_metrics
@@ -102,7 +102,7 @@ def check_adaptation_overlap(cache: FeatureCache) -> None:
     with the cache's own: scan pseudonyms are keyed to each data root, so the same scans under two
     roots would not match by id. It fails closed: a sidecar that is gone or lists no digests (an
     older `drct adapt`) is refused, naming the file."""
-    from pipeline.features.adapt import sop_digest
+    from cache.provenance import sop_digest
 
     record = cache.provenance.get("adaptation")
     if not record:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.provenance import config_provenance
 from cache.store import FEATURE_DIM, write_cache
-from pipeline.features.provenance import config_provenance
 
 
 def synthetic_features(

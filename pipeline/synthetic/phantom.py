@@ -36,7 +36,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cache import csv_safe
 from pipeline.data.labels import CQ500_LABELS, RSNA_LABELS
-from pipeline.data.phantom_anatomy import (
+from pipeline.synthetic.phantom_anatomy import (
     BLEEDS,
     CLASSES,
     OWNER_CODE,

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.provenance import config_provenance
 from cache.store import FEATURE_DIM, write_cache
-from pipeline.features.provenance import config_provenance
 
 DEFAULT_SUBTYPES = {"large1": "both", "large2": "both", "small1": "aps", "small2": "aps"}
 
