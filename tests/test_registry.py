@@ -20,8 +20,8 @@ from pipeline.config import ConfigError, load_config
 from pipeline.heads import registry
 from pipeline.heads.build import build_model
 from pipeline.heads.head import Head, HeadOutput, HeadSpec, LossTerm
-from pipeline.training.checkpoint import load_model
 from pipeline.synthetic.synthetic import write_synthetic_cache
+from pipeline.training.checkpoint import load_model
 from stages.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
