@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -279,9 +279,58 @@ def validate_config(config: dict) -> dict:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """Defaults, then the YAML file at `path` (if any), then dotted `overrides` (None = not given);
     validated by `validate_config`."""
-    config = read_yaml(DEFAULTS_PATH)
-    if path is not None:
-        config = deep_merge(config, read_yaml(path))
+    return _merged(read_yaml(path) if path is not None else {}, overrides)
+
+
+def _merged(file_data: dict, overrides: dict[str, Any] | None) -> dict:
+    config = deep_merge(read_yaml(DEFAULTS_PATH), file_data)
     if overrides:
         config = deep_merge(config, dotted_to_nested(overrides))
     return validate_config(config)
+
+
+def sets_key(data: dict, dotted: str) -> bool:
+    """Whether the nested mapping `data` (a config file's content) sets the dotted key itself."""
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+# Extraction settings a feature cache records. A run on a cache (`drct train`, `drct sweep`) takes
+# them from the cache's provenance unless the config file or an override sets them: a head is
+# trained on whatever vectors the cache holds. Ones the user sets stay, and the trainer checks them
+# against the cache (pipeline.training.trainer.check_provenance: exit code 2 naming the field).
+CACHE_SETTINGS = ("weights", "resolutions", "windows", "aps_source")
+
+
+class RunConfig(NamedTuple):
+    config: dict        # merged, validated, extraction settings filled from the cache
+    cache_path: Any     # the cache given, else extract.out
+    taken: list[str]    # "field=value" of each setting taken from the cache (for the log line)
+
+
+def resolve_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
+                       cache_path: str | Path | None = None) -> RunConfig:
+    """The config of a run on a feature cache, once: `load_config(path, overrides)` (the file read
+    once), then each CACHE_SETTINGS field that neither the file nor `overrides` sets taken from the
+    provenance of the cache at `cache_path` (default: extract.out). `ConfigError` for a bad config,
+    `cache.store.CacheError` for a cache that cannot be opened."""
+    from cache.store import FeatureCache
+
+    file_data = read_yaml(path) if path is not None else {}
+    config = _merged(file_data, overrides)
+    cache_path = cache_path or config["extract"]["out"]
+    with FeatureCache(cache_path) as cache:
+        provenance = dict(cache.provenance)
+    taken = []
+    for field in CACHE_SETTINGS:
+        key = f"extract.{field}"
+        if key in (overrides or {}) or sets_key(file_data, key) or provenance.get(field) is None:
+            continue
+        if config["extract"].get(field) != provenance[field]:
+            config["extract"][field] = provenance[field]
+            taken.append(f"{field}={provenance[field]}")
+    return RunConfig(config, cache_path, taken)

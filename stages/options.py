@@ -110,11 +110,6 @@ def config_sets(config_path, dotted: str) -> bool:
     """Whether the YAML file at config_path (None: no file) sets the dotted key itself."""
     if config_path is None:
         return False
-    from pipeline.config import read_yaml
+    from pipeline.config import read_yaml, sets_key
 
-    node = read_yaml(config_path)
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+    return sets_key(read_yaml(config_path), dotted)

@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from pipeline.sweep import macro_f1, sweep_configs
-from stages.options import StageError, load_stage_config, progress_option, set_option
+from stages.options import StageError, parse_settings, progress_option, set_option
 
 
 def fold_f1(run_dir: Path, threshold: float) -> tuple[float, float]:
@@ -86,18 +86,14 @@ def sweep(config_path, cache_path, m_keys, epochs, out_dir, settings, progress):
     from cache.store import CacheError
     from pipeline.training.interrupt import TrainingInterrupted
     from pipeline.training.trainer import TrainingError
-    from stages.train import settings_from_cache
+    from pipeline.config import resolve_run_config
 
-    config = load_stage_config(config_path, {}, settings)
-    keys = parse_m_keys(m_keys or config["interpret"]["sweep_m_keys"])
-    epochs = epochs or config["interpret"].get("sweep_epochs")
-    cache_path = cache_path or config["extract"]["out"]
     out = Path(out_dir)
     try:
-        from cache.store import FeatureCache
-
-        with FeatureCache(cache_path) as cache:
-            settings_from_cache(config, dict(cache.provenance), config_path, {})
+        keys = parse_m_keys(m_keys) if m_keys else None
+        config, cache_path, _taken = resolve_run_config(config_path, parse_settings(settings), cache_path)
+        keys = keys or parse_m_keys(config["interpret"]["sweep_m_keys"])
+        epochs = epochs or config["interpret"].get("sweep_epochs")
         points = run_sweep(config, cache_path, out, keys, epochs, log=lambda s: click.echo(s, err=True), progress=progress)
     except (CacheError, TrainingError, ValueError, OSError) as exc:
         raise StageError(str(exc)) from None

@@ -8,30 +8,9 @@ import click
 
 from pipeline.heads import registry
 from pipeline.presets import PRESETS, preset_overrides
-from stages.options import StageError, load_stage_config, parse_settings, progress_option, set_option
+from stages.options import StageError, parse_settings, progress_option, set_option
 
 __all__ = ["StageError", "train"]
-
-
-# Extraction settings a cache records; `drct train` takes them from the cache unless the config
-# file or --set gives them (a head is trained on whatever vectors the cache holds).
-CACHE_SETTINGS = ("weights", "resolutions", "windows", "aps_source")
-
-
-def settings_from_cache(config: dict, provenance: dict, config_path, settings: dict) -> list[str]:
-    """Fill config["extract"] from the cache's provenance where the user did not set a field;
-    returns the fields taken ("name=value")."""
-    from stages.options import config_sets
-
-    taken = []
-    for field in CACHE_SETTINGS:
-        key = f"extract.{field}"
-        if key in settings or config_sets(config_path, key) or provenance.get(field) is None:
-            continue
-        if config["extract"].get(field) != provenance[field]:
-            config["extract"][field] = provenance[field]
-            taken.append(f"{field}={provenance[field]}")
-    return taken
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,22 +59,21 @@ def train(config_path, cache_path, out_dir, model, preset, epochs, folds, fold, 
     choices; the paper's own DrCT2: --preset drct2_paper.
     """
     flags = {"model.name": model, "train.epochs": epochs, "train.folds": folds, "train.fold": fold, "train.seed": seed}
-    overrides = {**preset_overrides(preset), **{key: value for key, value in flags.items() if value is not None}}
-    given = {**preset_overrides(preset), **parse_settings(settings)}
-    config = load_stage_config(config_path, overrides, settings)
-    cache_path = cache_path or config["extract"]["out"]
-    out_dir = out_dir or config["train"]["out"]
+    overrides = {**parse_settings(settings), **preset_overrides(preset),
+                 **{key: value for key, value in flags.items() if value is not None}}
 
-    from cache.store import CacheError, FeatureCache
+    from cache.store import CacheError
+    from pipeline.config import resolve_run_config
     from pipeline.run_summary import report_train, start
     from pipeline.training.folds import FoldError
     from pipeline.training.interrupt import TrainingInterrupted
     from pipeline.training.trainer import TrainingError, run_training
 
-    started, logger = start(out_dir), None
+    logger = None
     try:
-        with FeatureCache(cache_path) as cache:
-            taken = settings_from_cache(config, dict(cache.provenance), config_path, given)
+        config, cache_path, taken = resolve_run_config(config_path, overrides, cache_path)
+        out_dir = out_dir or config["train"]["out"]
+        started = start(out_dir)
         if taken:
             click.echo(f"extraction settings from the cache: {', '.join(taken)}", err=True)
         if live_dir:

@@ -60,6 +60,33 @@ def test_train_takes_extraction_settings_from_the_cache(tmp_path):
     assert result.exit_code == 2 and "resolutions" in result.output and "Traceback" not in result.output
 
 
+def test_run_config_fills_unset_extraction_settings_from_the_cache(tmp_path):
+    from pipeline.config import resolve_run_config
+    from pipeline.training.trainer import ProvenanceMismatch, check_provenance
+
+    cache = _cache(tmp_path / "c.h5")  # random:0, 32/64, upsampled
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("extract:\n  aps_source: native\n")
+    run = resolve_run_config(config_file, {"extract.weights": "imagenet", "model.m_key": 2}, cache)
+    extract = run.config["extract"]
+    # unset fields come from the cache's provenance (and are named); set ones (file, override) stay
+    assert run.cache_path == cache and run.taken == ["resolutions=[32, 64]"]
+    assert extract["resolutions"] == [32, 64] and extract["weights"] == "imagenet" and extract["aps_source"] == "native"
+    assert run.config["model"]["m_key"] == 2
+    # the set ones that contradict the cache give the trainer's refusal, naming each field
+    from cache.store import FeatureCache
+
+    with FeatureCache(cache) as opened, pytest.raises(ProvenanceMismatch) as info:
+        check_provenance(opened, run.config)
+    assert str(info.value) == (f"cache {cache} does not match the config: weights: cache has 'random:0', config wants "
+                               "'imagenet'; aps_source: cache has 'upsampled', config wants 'native'")
+    # nothing set: the config matches the cache; the default cache is extract.out
+    run = resolve_run_config(None, {"extract.out": str(cache)})
+    assert run.cache_path == str(cache) and sorted(run.taken) == ["resolutions=[32, 64]", "weights=random:0"]
+    with FeatureCache(cache) as opened:
+        check_provenance(opened, run.config)
+
+
 def test_train_logs_per_epoch_metrics_with_dvclive(tmp_path):
     cache = _cache(tmp_path / "c.h5")
     live = tmp_path / "live"
