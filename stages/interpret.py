@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.metrics import json_safe
 from pipeline.oof import REQUIRED, check_sample_idx, read_oof
-from pipeline.sweep import macro_f1, sweep_configs
+from pipeline.sweep import SELECTIONS, SweepError, macro_f1, parse_m_keys, run_sweep
 from stages.options import set_option
 
 
@@ -93,28 +93,22 @@ def sweep_point(run_dir: str | Path) -> dict:
 
 
 def train_sweep(run_dir: str | Path, m_keys: list[int], epochs: int | None = None,
-                selections: tuple[str, ...] = ("attention", "random"), log=print,
+                selections: tuple[str, ...] = SELECTIONS, log=print,
                 out_dir: str | Path | None = None) -> list[Path]:
-    """Fig. 6 by training: retrain RUN_DIR's configuration at each m_key x selection (via the
-    training API, optionally with fewer epochs) into OUT_DIR/sweep/mkey<N>_<selection>/
-    (OUT_DIR defaults to RUN_DIR)."""
-    from pipeline.training.trainer import run_training
+    """Fig. 6 by training: `pipeline.sweep.run_sweep` on RUN_DIR's configuration and cache
+    (optionally with fewer epochs) into OUT_DIR/sweep/mkey<N>_<selection>/ (OUT_DIR defaults to
+    RUN_DIR); returns the run dirs."""
+    from pipeline.training.trainer import TrainingError
 
     run_dir = Path(run_dir)
     meta, config = _run_meta(run_dir)
     if not config:
         raise click.ClickException(f"{run_dir}/config.yaml missing: cannot retrain the run's configuration")
-    m = int(config["sampler"]["m"])
-    bad = [k for k in m_keys if not 1 <= k <= m]
-    if bad:
-        raise click.ClickException(f"m_key values {bad} are outside 1..m = {m}")
-    out_dirs = []
-    for m_key, selection, cfg in sweep_configs(config, m_keys, epochs, selections):
-        out = Path(out_dir or run_dir) / "sweep" / f"mkey{m_key}_{selection}"
-        log(f"sweep: training m_key={m_key} selection={selection} -> {out}")
-        run_training(cfg, meta["cache"], out, progress=False, log=lambda _msg: None)
-        out_dirs.append(out)
-    return out_dirs
+    try:
+        points = run_sweep(config, meta["cache"], Path(out_dir or run_dir) / "sweep", m_keys, epochs, selections, log=log)
+    except TrainingError as exc:
+        raise click.ClickException(str(exc)) from None
+    return [Path(p["run"]) for p in points]
 
 
 @click.command("interpret")
@@ -154,10 +148,7 @@ def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_di
         top_k = int(load_stage_config(config_path, {}, settings)["report"]["top_k"])
         result = interpret_run(run_dir, cache_path, k=top_k, out_dir=out_dir, allow_partial=allow_partial)
         if train_m_keys:
-            try:
-                m_keys = [int(v) for v in str(train_m_keys).split(",") if v.strip()]
-            except ValueError:
-                raise click.ClickException(f"--train-sweep {train_m_keys!r}: give integers, e.g. 4,8,16") from None
+            m_keys = parse_m_keys(train_m_keys, "--train-sweep")
             sweep = (*sweep, *(str(d) for d in train_sweep(run_dir, m_keys, sweep_epochs, log=click.echo, out_dir=out_dir)))
         if sweep:
             from pipeline import plots
@@ -167,7 +158,7 @@ def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_di
             plots.write_mkey_sweep(points, plot_dir / "mkey_sweep.csv", plot_dir / "mkey_sweep.png")
             result["mkey_sweep"] = points
             (out_dir / "interpret.json").write_text(json.dumps(json_safe(result), indent=2))
-    except (CacheError, OofError) as exc:
+    except (CacheError, OofError, SweepError) as exc:
         raise click.ClickException(str(exc)) from None
     except TrainingInterrupted as exc:  # --train-sweep stopped by SIGTERM/SIGINT: one line
         click.echo(f"drct interpret: {exc.message}", err=True)
