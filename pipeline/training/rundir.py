@@ -8,7 +8,7 @@ Writing (pipeline/training/trainer.py):
   anything else and removed last, so a run that was stopped (SIGTERM, SIGINT, a full disk) or
   killed (SIGKILL, a crash) stays marked. It records the folds to run and a key of the settings
   and data (`run_key`); a rerun with the same key resumes at the first unfinished fold.
-- **Atomic files**: every file goes to ``NAME.tmp`` first, then `os.replace` (`atomic_write_bytes`):
+- **Atomic files**: every file goes to ``NAME.tmp`` first, then `os.replace` (`atomic.atomic_write_bytes`):
   a file exists whole or not at all, and a full disk is one `cache.store.DiskSpaceError` (where,
   how much is needed and free) with the temporary file removed, as in `drct extract`.
 - A fold counts as finished once its ``fold_<k>/checkpoint.pt``, ``fold_<k>/history.json`` and
@@ -23,16 +23,13 @@ not one model).
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from cache import store
+from pipeline.training.atomic import atomic_write_text
 
 INCOMPLETE = "incomplete.json"
 INCOMPLETE_FORMAT = "drct-train-incomplete"
@@ -56,43 +53,7 @@ class MixedRun(RunError):
     """The fold checkpoints do not belong to one run (model, label names or extraction settings differ)."""
 
 
-# -- writing ------------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
-    """Write `data` to `path` through ``path.tmp`` (free space checked first, fsync, `os.replace`).
-    A full disk or an unwritable folder raises one `cache.store.CacheError` (`DiskSpaceError` for
-    a full disk, naming the folder and the size) and leaves no temporary file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    needed = len(data) + 64 * 1024
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store.check_free_space(path.parent, needed, f"writing {path.name}")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        store._fsync_path(tmp)
-        os.replace(tmp, path)
-    except store.DiskSpaceError:
-        store.remove_quietly(tmp)
-        raise
-    except OSError as exc:
-        store.remove_quietly(tmp)
-        raise store.storage_error(exc, path, needed) from None
-    store._fsync_path(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def npz_bytes(**arrays) -> memoryview:
-    """An uncompressed .npz in memory (written with `atomic_write_bytes`: np.savez into a full
-    disk fails inside zipfile and leaves half a file)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getbuffer()
-
-
+# -- writing (files through pipeline/training/atomic.py) ------------------------------------
 def fold_dirs(run_dir: str | Path) -> dict[int, Path]:
     """{k: RUN_DIR/fold_<k>} of the fold folders present."""
     run_dir = Path(run_dir)
