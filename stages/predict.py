@@ -182,6 +182,7 @@ def predict_folder(
     from pipeline.data.index import build_scan_index
     from pipeline.features.encoder import load_encoder
     from pipeline.features.extraction import run_extraction
+    from pipeline.oof import write_predictions
     from pipeline.report.build import ReportSource, display_label, recorded_thresholds, write_reports
     from pipeline.report.render import threshold_text
     from pipeline.training.dataset import CachedFeatures
@@ -258,16 +259,9 @@ def predict_folder(
             writer.writerow([scan, "note" if reject.reason.startswith("note:") else "rejected",
                              _relative_folder(folder, root), "", "", *([""] * len(names)), *([""] * len(names)), "",
                              reason])
-    np.savez(
-        out_dir / "predictions.npz",
-        scan=np.asarray(labels, dtype=str),
-        prob=preds["prob"].astype(np.float32),
-        sample_idx=preds["sample_idx"].astype(np.int64),
-        slice_attention=preds["slice_attention"].astype(np.float32),
-        feature_attention=preds["feature_attention"].astype(np.float16),
-        aps_idx=preds["aps_idx"].astype(np.int64),
-        aps_idx_per_fold=preds["aps_idx_per_fold"],
-    )
+    write_predictions(out_dir / "predictions.npz", {"scan": np.asarray(labels, dtype=str)},
+                      {key: preds[key] for key in ("prob", "sample_idx", "slice_attention", "feature_attention",
+                                                   "aps_idx", "aps_idx_per_fold")})
     (out_dir / "predictions.json").write_text(json.dumps(
         {"checkpoints": [str(c) for c in checkpoints], "ensemble": "mean of the fold probabilities" if len(checkpoints) > 1
          else "single checkpoint", "label_names": names,
