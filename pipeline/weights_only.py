@@ -15,15 +15,14 @@ from pathlib import Path
 import torch
 
 
-def load_weights_only(path: str | Path, error: type[Exception], not_torch: str, refused: str, unreadable: str):
+def load_weights_only(path: str | Path, error: type[Exception], unreadable: str, refused: str):
     """``torch.load(path, map_location="cpu", weights_only=True)``. A failure raises `error` with
-    one of three messages: `not_torch` (not a torch file), `refused` (it holds pickled Python
-    objects) or `unreadable` (anything else; ``{reason}`` in it is filled with the first line of
-    torch's message)."""
+    one message: `refused` for a file that holds pickled Python objects; else `unreadable`
+    followed by why, in brackets: "(not a torch file)" or the first line of torch's message."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise error(refused if "Weights only load failed" in str(exc) else not_torch) from None
+        raise error(refused if "Weights only load failed" in str(exc) else f"{unreadable} (not a torch file)") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise error(unreadable.replace("{reason}", reason)) from None
+        raise error(f"{unreadable} ({reason})") from None

@@ -174,14 +174,10 @@ def adapt_encoder(
     start_epoch, history = 0, []
     checkpoint = work / "checkpoint.pt"
     if checkpoint.is_file():
-        again = "delete it to start the adaptation over"
-        state = load_weights_only(
-            checkpoint, AdaptError,
-            not_torch=f"{checkpoint} (an interrupted `drct adapt`'s resume file) is not a torch file; {again}",
-            refused=f"{checkpoint} (an interrupted `drct adapt`'s resume file) is refused: it holds Python objects "
-                    f"besides tensors (never unpickled); {again}",
-            unreadable=f"{checkpoint} (an interrupted `drct adapt`'s resume file) cannot be read ({{reason}}); {again}",
-        )
+        resume = f"{checkpoint}, the resume file of an interrupted `drct adapt`,"
+        state = load_weights_only(checkpoint, AdaptError, f"{resume} cannot be read: delete it to start over",
+                                  refused=f"{resume} holds Python objects besides tensors and is refused (never "
+                                          "unpickled): delete it to start over")
         if isinstance(state, dict) and state.get("source_digest") == source_digest and state.get("n") == len(labels):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

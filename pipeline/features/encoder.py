@@ -106,13 +106,9 @@ def _load_file(path: Path) -> dict:
         raise EncoderError(
             f"weights file not found: {path} (use 'imagenet', a VGG16 state dict file, or random:SEED)"
         )
-    state = load_weights_only(
-        path, EncoderError,
-        not_torch=f"cannot read weights file {path} as a torch state dict (not a torch file)",
-        refused=f"cannot read weights file {path}: refused, it holds Python objects besides tensors (never "
-                "unpickled); give a plain VGG16 state dict",
-        unreadable=f"cannot read weights file {path} as a torch state dict ({{reason}})",
-    )
+    state = load_weights_only(path, EncoderError, f"cannot read weights file {path} as a torch state dict", refused=(
+        f"cannot read weights file {path}: refused, it holds Python objects besides tensors (never unpickled); "
+        "give a plain VGG16 state dict"))
     if not isinstance(state, dict):
         raise EncoderError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     return state

@@ -54,13 +54,9 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    payload = load_weights_only(
-        path, CheckpointError,
-        not_torch=f"{path} is not a readable DrCT checkpoint (not a torch file)",
-        refused=f"{path} is not a readable DrCT checkpoint: refused, it holds Python objects besides tensors and "
-                "plain values (not written by `drct train`, or tampered); it is never unpickled",
-        unreadable=f"{path} is not a readable DrCT checkpoint ({{reason}})",
-    )
+    payload = load_weights_only(path, CheckpointError, f"{path} is not a readable DrCT checkpoint", refused=(
+        f"{path} is not a readable DrCT checkpoint: refused, it holds Python objects besides tensors and plain "
+        "values (not written by `drct train`, or tampered); it is never unpickled"))
     if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
         raise CheckpointError(f"{path} is not a DrCT checkpoint (no state_dict/config)")
     return payload
