@@ -10,7 +10,9 @@ split), and each writer streams a batch to disk before the next one is read. A b
 slices at two resolutions is 16 MiB of vectors, so an RSNA-sized cache (~750,000 slices, 1.5 GB
 of vectors) exports with the scan/slice tables plus one batch in memory.
 
-Formats (one writer class per format, same three calls: `write(batch)`, `close()`, `abort()`):
+Formats (one writer class per format, each in its module: npz.py, parquet.py, h5.py; the selection,
+batches, manifest and target checks they share are common.py; same three calls: `write(batch)`,
+`close()`, `abort()`):
 
 * ``npz``: one ``.npz`` file readable by ``numpy.load`` (no pickle needed). ``np.savez`` needs
   every array in memory, so `NpzWriter` writes the zip itself: the size of each array is known
