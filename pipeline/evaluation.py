@@ -41,7 +41,8 @@ from pipeline.metrics import (
     paired_bootstrap,
     paired_ttest,
 )
-from pipeline.oof import REQUIRED, OofError, read_oof
+from pipeline.oof import OofError
+from pipeline.training.rundir import RunDir, RunError
 
 HEADLINE = ("macro_precision", "macro_recall", "macro_f1", "macro_auc", "macro_ap")
 THRESHOLD_SOURCES = ("oof",)
@@ -64,50 +65,41 @@ class RunPredictions:
     prob_aps: np.ndarray
     info: dict
     config: dict
+    threshold: float = 0.5           # evaluate.threshold of the run's config
 
 
 def load_run(run_dir: str | Path) -> RunPredictions:
-    """RUN_DIR/oof.npz, run.json and config.yaml, checked (pipeline.oof.read_oof)."""
-    import yaml
-
-    run_dir = Path(run_dir)
-    run_path = run_dir / "run.json"
-    for path in (run_dir / "oof.npz", run_path):
-        if not path.is_file():
-            raise EvaluationError(f"{path} not found: is {run_dir} a `drct train` run directory?")
-    info = json.loads(run_path.read_text())
-    config_path = run_dir / "config.yaml"
-    config = (yaml.safe_load(config_path.read_text()) if config_path.is_file() else None) or {}
+    """RUN_DIR/oof.npz, run.json and config.yaml, checked (`RunDir`, pipeline.oof.read_oof)."""
+    run = RunDir(run_dir)
     try:
-        oof = read_oof(run_dir / "oof.npz", (*REQUIRED, "prob_primary", "prob_aps"))
-    except OofError as exc:
+        info, names = run.run_json, run.label_names
+        oof = run.oof(("prob_primary", "prob_aps"))
+    except (RunError, OofError) as exc:
         raise EvaluationError(str(exc)) from None
     n = len(oof["scan_id"])
     patients = oof["patient_id"].astype(str) if "patient_id" in oof else oof["scan_id"].astype(str)
-    return RunPredictions(run_dir, [str(x) for x in info["label_names"]], oof["scan_id"].astype(str), patients,
+    return RunPredictions(run.path, names, oof["scan_id"].astype(str), patients,
                           np.asarray(oof["fold"]), np.asarray(oof["labels"], np.float64),
                           np.asarray(oof["prob"], np.float64), np.asarray(oof["prob_primary"], np.float64),
-                          np.asarray(oof["prob_aps"], np.float64).reshape(n, -1), info, config)
+                          np.asarray(oof["prob_aps"], np.float64).reshape(n, -1), info, run.config, run.threshold)
 
 
 def training_curves(run_dir: str | Path) -> dict:
     """Per fold, from fold_<k>/history.json: epochs, the last epoch's loss, validation macro-F1 and
     AUC, and the best validation macro-F1 with its epoch (a summary; the curves are dvclive's)."""
+    run = RunDir(run_dir)
     out = {}
-    for path in sorted(Path(run_dir).glob("fold_*/history.json"), key=lambda p: int(p.parent.name.split("_")[1])):
-        try:
-            history = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+    for k, folder in run.folds.items():
+        history = run.history(k)
         if not history:
             continue
         f1 = [h.get("val_macro_f1") for h in history]
         finite = [(v, h.get("epoch", i + 1)) for i, (v, h) in enumerate(zip(f1, history)) if v is not None and np.isfinite(v)]
         best = max(finite, key=lambda t: t[0]) if finite else (None, None)
         last = history[-1]
-        out[path.parent.name] = {"epochs": len(history), "last_loss": last.get("loss"),
-                                 "last_val_macro_f1": last.get("val_macro_f1"), "last_val_macro_auc": last.get("val_macro_auc"),
-                                 "best_val_macro_f1": best[0], "best_epoch": best[1]}
+        out[folder.name] = {"epochs": len(history), "last_loss": last.get("loss"),
+                            "last_val_macro_f1": last.get("val_macro_f1"), "last_val_macro_auc": last.get("val_macro_auc"),
+                            "best_val_macro_f1": best[0], "best_epoch": best[1]}
     return out
 
 
@@ -128,7 +120,7 @@ def evaluate_run(run_dir: str | Path, threshold: float | None = None, threshold_
     if threshold_from is not None and threshold_from not in THRESHOLD_SOURCES:
         raise EvaluationError(f"--threshold-from {threshold_from!r}: choose one of {', '.join(THRESHOLD_SOURCES)}")
     if threshold is None:
-        threshold = float((run.config.get("evaluate") or {}).get("threshold", 0.5))
+        threshold = run.threshold
     recorded = None
     if threshold_from == "oof":
         recorded = oof_thresholds(run.labels, run.prob, default=threshold)

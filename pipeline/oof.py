@@ -1,4 +1,8 @@
-"""Reading a run's oof.npz (out-of-fold predictions) defensively.
+"""A run's oof.npz (out-of-fold predictions): the one writer of the prediction arrays, and the
+reader that checks them defensively.
+
+`write_predictions` writes the layout of oof.npz (`drct train`) and of predictions.npz
+(`drct predict`): identifying columns, then the model outputs, each in its dtype (`PREDICTIONS`).
 
 evaluate, interpret and report all read this file, and a run directory is something people copy
 around and edit: a tampered file (object arrays, which would need pickle; missing or misshapen
@@ -12,10 +16,27 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.training.atomic import atomic_write_bytes, npz_bytes
+
 NUMERIC = ("fold", "labels", "prob", "prob_primary", "prob_aps", "sample_idx", "slice_attention", "cache_index",
            "aps_idx", "feature_attention")
 TEXT = ("scan_id", "patient_id")
 REQUIRED = ("scan_id", "fold", "labels", "prob")
+
+
+# The model outputs of oof.npz and predictions.npz, in file order, with their dtypes.
+PREDICTIONS = {"prob": np.float32, "prob_primary": np.float32, "prob_aps": np.float32, "sample_idx": np.int64,
+               "slice_attention": np.float32, "feature_attention": np.float16, "aps_idx": np.int64,
+               "aps_idx_per_fold": np.int64}
+
+
+def write_predictions(path: str | Path, columns: dict[str, np.ndarray], preds: dict) -> Path:
+    """oof.npz (`drct train`) or predictions.npz (`drct predict`): the identifying `columns` as
+    given (scan ids as unicode arrays, ...), then each output of `preds` named in `PREDICTIONS`,
+    cast to its dtype. No pickles; written atomically (`atomic.atomic_write_bytes`)."""
+    arrays = dict(columns)
+    arrays.update({key: np.asarray(preds[key]).astype(dtype) for key, dtype in PREDICTIONS.items() if key in preds})
+    return atomic_write_bytes(path, npz_bytes(**arrays))
 
 
 class OofError(ValueError):

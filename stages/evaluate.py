@@ -15,18 +15,15 @@ from pipeline.evaluation import (
 )
 from pipeline.evaluation import evaluate_run as _evaluate_run
 from pipeline.metrics import RESAMPLES
-from pipeline.training.rundir import RunError, check_run
-
-
-class StageError(click.ClickException):
-    exit_code = 2
+from pipeline.training.rundir import RunDir, RunError
+from stages.options import StageError
 
 
 def evaluate_run(run_dir: str | Path, threshold: float | None = None, allow_partial: bool = False, **options) -> dict:
     """The details of RUN_DIR (`pipeline.evaluation.evaluate_run`); an incomplete or mixed run is
-    refused (`pipeline.training.rundir.check_run`) unless `allow_partial`."""
+    refused (`pipeline.training.rundir.RunDir.check`) unless `allow_partial`."""
     try:
-        state = check_run(Path(run_dir), allow_partial=allow_partial)
+        state = RunDir(run_dir).check(allow_partial=allow_partial)
         details = _evaluate_run(run_dir, threshold, **options)
     except (RunError, EvaluationError, ValueError, OSError) as exc:
         raise StageError(str(exc)) from None

@@ -15,29 +15,29 @@ import click
 import numpy as np
 
 from pipeline.metrics import json_safe
-from pipeline.oof import REQUIRED, check_sample_idx, read_oof
+from pipeline.oof import check_sample_idx
 from pipeline.sweep import SELECTIONS, SweepError, macro_f1, parse_m_keys, run_sweep
+from pipeline.training.rundir import OOF, RUN_JSON, RunDir, RunError
 from stages.options import set_option
 
 
 def _run_meta(run_dir: Path, allow_partial: bool = False) -> tuple[dict, dict]:
-    """run.json and config.yaml of a run; an incomplete or mixed run is refused
-    (`pipeline.training.rundir.check_run`)."""
-    import yaml
+    """run.json and config.yaml of a run (`RunDir`); an incomplete or mixed run is refused
+    (`RunDir.check`)."""
+    run = _checked_run(run_dir, allow_partial)
+    return run.run_json, run.config
 
-    from pipeline.training.rundir import RunError, check_run
 
+def _checked_run(run_dir: str | Path, allow_partial: bool = False) -> RunDir:
+    """The run, checked (`RunDir.check`) and holding run.json and oof.npz."""
+    run = RunDir(run_dir)
     try:
-        check_run(run_dir, allow_partial=allow_partial)
+        run.check(allow_partial=allow_partial)
+        run.require(RUN_JSON, OOF)
+        run.run_json  # noqa: B018 - read now: an unreadable run.json is refused here
     except RunError as exc:
         raise click.ClickException(str(exc)) from None
-    meta_path = run_dir / "run.json"
-    if not meta_path.is_file() or not (run_dir / "oof.npz").is_file():
-        raise click.ClickException(f"{run_dir}: run.json or oof.npz missing; is it a finished `drct train` run?")
-    meta = json.loads(meta_path.read_text())
-    config_path = run_dir / "config.yaml"
-    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
-    return meta, config
+    return run
 
 
 def interpret_run(
@@ -49,25 +49,20 @@ def interpret_run(
     from cache.store import FeatureCache
     from pipeline import interpret, plots
 
-    run_dir = Path(run_dir)
-    meta, config = _run_meta(run_dir, allow_partial)
-    cache_file = Path(cache_path or meta["cache"])
-    if not cache_file.is_absolute() and not cache_file.exists():
-        cache_file = run_dir / cache_file
-    cache = FeatureCache(cache_file)
-    oof = read_oof(run_dir / "oof.npz", (*REQUIRED, "sample_idx", "slice_attention"))
-    names = list(meta.get("label_names") or cache.label_names)
+    run = _checked_run(run_dir, allow_partial)
+    cache = FeatureCache(run.cache_path(cache_path))
+    oof = run.oof(("sample_idx", "slice_attention"))
+    names = run.label_names or list(cache.label_names)
     table = cache.table
     rows = np.array([cache.index_of(str(s)) for s in oof["scan_id"]], np.int64)
-    check_sample_idx(oof, table.n_slices[rows], run_dir / "oof.npz")
+    check_sample_idx(oof, table.n_slices[rows], run.oof_path)
     sampled = interpret.sampled_slice_labels(table.slice_labels, table.offset[rows], oof["sample_idx"])
     attention = np.asarray(oof["slice_attention"], np.float64)
     labels = np.asarray(oof["labels"], np.float64)
     prob = np.asarray(oof["prob"], np.float64)
     result = interpret.interpret_arrays(attention, sampled, names, scan_labels=labels, k=k)
-    threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
-    result["model"] = meta.get("model")
-    result["macro_f1"] = macro_f1(labels, prob, threshold)
+    result["model"] = run.run_json.get("model")
+    result["macro_f1"] = macro_f1(labels, prob, run.threshold)
     out_dir = Path(out_dir or run_dir)
     plot_dir = out_dir / "plots"
     plots.write_pr_curves(plots.pr_curves(labels, prob, names), plot_dir / "pr_curves.csv", plot_dir / "pr_curves.png")
@@ -86,7 +81,7 @@ def sweep_point(run_dir: str | Path) -> dict:
     selection = model.get("aps_selection", meta.get("aps_selection", "attention"))
     if m_key is None:
         raise click.ClickException(f"{run_dir}: no model.m_key in config.yaml or run.json")
-    oof = read_oof(run_dir / "oof.npz")
+    oof = RunDir(run_dir).oof()
     threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
     f1 = macro_f1(np.asarray(oof["labels"], np.float64), np.asarray(oof["prob"], np.float64), threshold)
     return {"m_key": int(m_key), "selection": str(selection), "macro_f1": f1, "run": str(run_dir)}

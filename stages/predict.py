@@ -49,17 +49,13 @@ def check_encoder_provenance(checkpoint_provenance: dict, extract_config: dict, 
 def run_checkpoints(run_dir: str | Path, allow_partial: bool = False) -> list[Path]:
     """The fold checkpoints of a `drct train` run directory, in fold order. An incomplete run (stopped,
     killed or still training; or a fold checkpoint missing) is refused naming the missing folds unless
-    `allow_partial`, and a mixed one always (`pipeline.training.rundir.check_run`)."""
-    from pipeline.training.rundir import RunError, check_run
+    `allow_partial`, and a mixed one always (`pipeline.training.rundir.RunDir.checkpoints`)."""
+    from pipeline.training.rundir import RunDir, RunError
 
-    run_dir = Path(run_dir)
     try:
-        state = check_run(run_dir, allow_partial=allow_partial, need_checkpoints=True)
+        return RunDir(run_dir).checkpoints(allow_partial)
     except RunError as exc:
         raise PredictError(str(exc)) from None
-    if not state.checkpoints:
-        raise PredictError(f"{run_dir}: no fold_<k>/checkpoint.pt; is it a finished `drct train` run directory?")
-    return state.checkpoints
 
 
 def load_ensemble(checkpoints: list[Path]):
@@ -182,9 +178,11 @@ def predict_folder(
     from pipeline.data.index import build_scan_index
     from pipeline.features.encoder import load_encoder
     from pipeline.features.extraction import run_extraction
+    from pipeline.oof import write_predictions
     from pipeline.report.build import ReportSource, display_label, recorded_thresholds, write_reports
     from pipeline.report.render import threshold_text
     from pipeline.training.dataset import CachedFeatures
+    from pipeline.training.rundir import RunDir
     from pipeline.training.trainer import predict_scans, resolutions
 
     out_dir = Path(out_dir)
@@ -229,7 +227,7 @@ def predict_folder(
     preds["aps_idx"] = ensemble_aps_idx(preds["slice_attention"], preds["aps_idx_per_fold"])
     threshold_source = None
     if threshold is None:  # per-class thresholds recorded by `drct evaluate RUN --threshold-from oof`
-        threshold, threshold_source = recorded_thresholds(checkpoints[0].parent.parent, names)
+        threshold, threshold_source = recorded_thresholds(RunDir(checkpoints[0].parent.parent), names)
         if threshold is not None:
             log(threshold_text(threshold, threshold_source, names))
     if threshold is None:
@@ -258,16 +256,9 @@ def predict_folder(
             writer.writerow([scan, "note" if reject.reason.startswith("note:") else "rejected",
                              _relative_folder(folder, root), "", "", *([""] * len(names)), *([""] * len(names)), "",
                              reason])
-    np.savez(
-        out_dir / "predictions.npz",
-        scan=np.asarray(labels, dtype=str),
-        prob=preds["prob"].astype(np.float32),
-        sample_idx=preds["sample_idx"].astype(np.int64),
-        slice_attention=preds["slice_attention"].astype(np.float32),
-        feature_attention=preds["feature_attention"].astype(np.float16),
-        aps_idx=preds["aps_idx"].astype(np.int64),
-        aps_idx_per_fold=preds["aps_idx_per_fold"],
-    )
+    write_predictions(out_dir / "predictions.npz", {"scan": np.asarray(labels, dtype=str)},
+                      {key: preds[key] for key in ("prob", "sample_idx", "slice_attention", "feature_attention",
+                                                   "aps_idx", "aps_idx_per_fold")})
     (out_dir / "predictions.json").write_text(json.dumps(
         {"checkpoints": [str(c) for c in checkpoints], "ensemble": "mean of the fold probabilities" if len(checkpoints) > 1
          else "single checkpoint", "label_names": names,

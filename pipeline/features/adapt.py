@@ -35,6 +35,7 @@ from tqdm import tqdm
 from cache.provenance import sop_digest
 from pipeline.features.encoder import VGG16Encoder, load_encoder, weights_digest
 from pipeline.features.preprocess import model_input, window_and_resize
+from pipeline.weights_only import load_weights_only
 
 BLOCK5_START = 24  # torchvision VGG16 "D": modules 0-23 are blocks 1-4 (incl. the 4th max pool)
 
@@ -173,8 +174,11 @@ def adapt_encoder(
     start_epoch, history = 0, []
     checkpoint = work / "checkpoint.pt"
     if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state.get("source_digest") == source_digest and state.get("n") == len(labels):
+        resume = f"{checkpoint}, the resume file of an interrupted `drct adapt`,"
+        state = load_weights_only(checkpoint, AdaptError, f"{resume} cannot be read: delete it to start over",
+                                  refused=f"{resume} holds Python objects besides tensors and is refused (never "
+                                          "unpickled): delete it to start over")
+        if isinstance(state, dict) and state.get("source_digest") == source_digest and state.get("n") == len(labels):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, history = int(state["epoch"]), json.loads(state["history"])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import re
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
+
+from pipeline.weights_only import load_weights_only
 
 FEATURE_DIM = 512
 VGG16_CONFIG = cfgs["D"]  # [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -105,18 +106,9 @@ def _load_file(path: Path) -> dict:
         raise EncoderError(
             f"weights file not found: {path} (use 'imagenet', a VGG16 state dict file, or random:SEED)"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise EncoderError(f"cannot read weights file {path} as a torch state dict (not a torch file)") from None
-        raise EncoderError(
-            f"cannot read weights file {path}: refused, it holds Python objects besides tensors (never unpickled); "
-            "give a plain VGG16 state dict"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise EncoderError(f"cannot read weights file {path} as a torch state dict ({reason})") from None
+    state = load_weights_only(path, EncoderError, f"cannot read weights file {path} as a torch state dict", refused=(
+        f"cannot read weights file {path}: refused, it holds Python objects besides tensors (never unpickled); "
+        "give a plain VGG16 state dict"))
     if not isinstance(state, dict):
         raise EncoderError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     return state

@@ -25,16 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import yaml
 
 from cache.store import FeatureCache
 from pipeline.features.encoder import load_encoder
 from pipeline.features.preprocess import preprocess_slice
 from pipeline.interpret import top_positions
-from pipeline.oof import REQUIRED, OofError, check_sample_idx, read_oof
+from pipeline.oof import OofError, check_sample_idx
 from pipeline.report.heatmap import conv_maps, display_image, upsample, weighted_map
 from pipeline.report.index import IndexRow, write_index
 from pipeline.report.render import ScanReport, TopSlice, threshold_text, write_report
+from pipeline.training.rundir import OOF, RUN_JSON, RunDir, RunError
 
 BRAIN_WINDOW = (40.0, 80.0)
 # A near-step window at -200 HU: 1 inside the head (tissue, bone), 0 in the air around it, so the
@@ -122,64 +122,54 @@ def _resolve(path_like: str, base: Path) -> Path:
     return base / path
 
 
-def recorded_thresholds(run_dir: str | Path, names: Sequence[str]) -> tuple[np.ndarray | None, str | None]:
+def recorded_thresholds(run: RunDir | str | Path, names: Sequence[str]) -> tuple[np.ndarray | None, str | None]:
     """RUN/thresholds.json's per-class thresholds and the note the pages show about them; (None, None)
-    if the run has none. An invalid file is a ValueError (`run_thresholds`)."""
-    from pipeline.calibration import THRESHOLDS_FILE, run_thresholds
+    if the run has none. An invalid file is a ValueError (`RunDir.thresholds`)."""
+    from pipeline.calibration import THRESHOLDS_FILE
 
-    values = run_thresholds(run_dir, names)
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    values = run.thresholds(names)
     if values is None:
         return None, None
-    return values, (f"per-class thresholds from {Path(run_dir) / THRESHOLDS_FILE} "
+    return values, (f"per-class thresholds from {run.path / THRESHOLDS_FILE} "
                     "(F1-maximising on out-of-fold predictions)")
 
 
 def load_run_source(run_dir: str | Path, cache_path: str | Path | None = None, threshold: float | None = None,
                     allow_partial: bool = False, log: Callable[[str], None] | None = None) -> ReportSource:
-    """A run directory (run.json + oof.npz, see stages/train) -> ReportSource. An incomplete or
-    mixed run is refused (`pipeline.training.rundir.check_run`). Thresholds: `threshold`, else the
+    """A run directory (run.json + oof.npz, see stages/train) -> ReportSource, read through `RunDir`.
+    An incomplete or mixed run is refused (`RunDir.check`). Thresholds: `threshold`, else the
     run's thresholds.json, else evaluate.threshold of its config (0.5); `log` gets one line naming them."""
-    from pipeline.training.rundir import RunError, check_run
-
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     try:
-        check_run(run_dir, allow_partial=allow_partial)
+        run.check(allow_partial=allow_partial)
+        run.require(RUN_JSON, OOF)
+        meta = run.run_json
     except RunError as exc:
         raise ReportError(str(exc)) from None
-    meta_path, oof_path = run_dir / "run.json", run_dir / "oof.npz"
-    for required in (meta_path, oof_path):
-        if not required.is_file():
-            raise ReportError(f"{required} not found: is {run_dir} a finished `drct train` run directory?")
-    meta = json.loads(meta_path.read_text())
-    cache_file = Path(cache_path) if cache_path else _resolve(str(meta.get("cache", "")), run_dir)
+    cache_file = run.cache_path(cache_path)
     cache = FeatureCache(cache_file)
     try:
-        oof = read_oof(oof_path, (*REQUIRED, "sample_idx", "slice_attention", "feature_attention"))
-        check_sample_idx(oof, cache.table.n_slices[[cache.index_of(str(s)) for s in oof["scan_id"]]], oof_path)
+        oof = run.oof(("sample_idx", "slice_attention", "feature_attention"))
+        check_sample_idx(oof, cache.table.n_slices[[cache.index_of(str(s)) for s in oof["scan_id"]]], run.oof_path)
     except OofError as exc:
         raise ReportError(str(exc)) from None
-    label_names = list(meta.get("label_names") or cache.label_names)
+    label_names = run.label_names or list(cache.label_names)
     source_note = None
     if threshold is None:
         try:
-            threshold, source_note = recorded_thresholds(run_dir, label_names)
+            threshold, source_note = recorded_thresholds(run, label_names)
         except ValueError as exc:
             raise ReportError(str(exc)) from None
     if threshold is None:
-        threshold = 0.5
-        config_path = run_dir / "config.yaml"
-        if config_path.is_file():
-            config = yaml.safe_load(config_path.read_text()) or {}
-            threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
+        threshold = run.threshold
     if log:
         log(f"report pages: {threshold_text(threshold, source_note, label_names)}")
     provenance = dict(cache.provenance)
-    provenance.update(meta.get("provenance") or {})
-    if meta.get("weights_digest"):
-        provenance["weights_digest"] = meta["weights_digest"]
+    provenance.update(run.provenance)
     model = meta.get("model")
     info = {
-        "run": str(run_dir),
+        "run": str(run.path),
         "model": model if isinstance(model, str) else json.dumps(model),
         "predictions": "out-of-fold (each scan scored by the fold model that did not train on it)",
         "feature cache": str(cache_file),

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 from pathlib import Path
 
 import torch
 
 from pipeline.heads.build import build_model
 from pipeline.heads.head import Head
-from pipeline.training.rundir import atomic_write_bytes
+from pipeline.training.atomic import atomic_write_bytes
+from pipeline.weights_only import load_weights_only
 
 CHECKPOINT_FORMAT = 1
 
@@ -32,7 +32,7 @@ def _plain(value):
 
 
 def save_checkpoint(path: str | Path, model: Head, config: dict, provenance: dict, label_names, fold: int | None) -> Path:
-    """Serialised in memory, then written atomically (`rundir.atomic_write_bytes`): a full disk is
+    """Serialised in memory, then written atomically (`atomic.atomic_write_bytes`): a full disk is
     one `cache.store.DiskSpaceError` naming the folder and the size, never a torch stream error,
     and no ``checkpoint.pt.tmp`` is left."""
     path = Path(path)
@@ -54,19 +54,9 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise CheckpointError(f"{path} is not a readable DrCT checkpoint (not a torch file)") from None
-        # torch's message is a page of advice to pass weights_only=False: exactly what must not happen.
-        raise CheckpointError(
-            f"{path} is not a readable DrCT checkpoint: refused, it holds Python objects besides tensors and "
-            "plain values (not written by `drct train`, or tampered); it is never unpickled"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - any other failure means "not our checkpoint"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise CheckpointError(f"{path} is not a readable DrCT checkpoint ({reason})") from None
+    payload = load_weights_only(path, CheckpointError, f"{path} is not a readable DrCT checkpoint", refused=(
+        f"{path} is not a readable DrCT checkpoint: refused, it holds Python objects besides tensors and plain "
+        "values (not written by `drct train`, or tampered); it is never unpickled"))
     if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
         raise CheckpointError(f"{path} is not a DrCT checkpoint (no state_dict/config)")
     return payload

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.training.rundir import atomic_write_text
+from pipeline.training.atomic import atomic_write_text
 
 INTENDED_USE = (
     "Research and reproduction of DrCT2 (weakly supervised brain-CT classification with zoom-in attention); "

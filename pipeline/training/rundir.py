@@ -8,24 +8,23 @@ Writing (pipeline/training/trainer.py):
   anything else and removed last, so a run that was stopped (SIGTERM, SIGINT, a full disk) or
   killed (SIGKILL, a crash) stays marked. It records the folds to run and a key of the settings
   and data (`run_key`); a rerun with the same key resumes at the first unfinished fold.
-- **Atomic files**: every file goes to ``NAME.tmp`` first, then `os.replace` (`atomic_write_bytes`):
+- **Atomic files**: every file goes to ``NAME.tmp`` first, then `os.replace` (`atomic.atomic_write_bytes`):
   a file exists whole or not at all, and a full disk is one `cache.store.DiskSpaceError` (where,
   how much is needed and free) with the temporary file removed, as in `drct extract`.
 - A fold counts as finished once its ``fold_<k>/checkpoint.pt``, ``fold_<k>/history.json`` and
   its rows of ``oof.npz`` (rewritten after each fold) are written, in that order.
 
-Reading: `check_run` is called by every command that reads a run (`drct predict --run`,
-`evaluate`, `report`, `interpret`). It refuses an incomplete run, naming the missing folds
-(unless ``allow_partial``), and a run whose fold checkpoints differ from each other or from
-run.json in model, label names or extraction settings (never overridable: such an ensemble is
-not one model).
+Reading: every command that reads a run (`drct predict --run`, `evaluate`, `report`,
+`interpret`) reads it through `RunDir` (run.json, config, label names, the cache, checkpoints,
+oof.npz, thresholds.json, histories), after `RunDir.check`, i.e. `check_run`. That refuses an
+incomplete run, naming the missing folds (unless ``allow_partial``), and a run whose fold
+checkpoints differ from each other or from run.json in model, label names or extraction
+settings (never overridable: such an ensemble is not one model).
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +32,17 @@ from pathlib import Path
 import numpy as np
 
 from cache import store
+from pipeline.training.atomic import atomic_write_text
 
 INCOMPLETE = "incomplete.json"
 INCOMPLETE_FORMAT = "drct-train-incomplete"
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
+RUN_JSON = "run.json"
+CONFIG = "config.yaml"
+OOF = "oof.npz"
 # Written by `drct train`; removed from a run directory before a fresh (not resumed) run.
-RUN_FILES = ("oof.npz", "run.json", "MODEL_CARD.md", "summary.json")  # summary: pipeline/run_summary.py
+RUN_FILES = (OOF, RUN_JSON, "MODEL_CARD.md", "summary.json")  # summary: pipeline/run_summary.py
 FOLD_FILES = (CHECKPOINT, HISTORY)
 _FOLD_DIR = re.compile(r"^fold_(\d+)$")
 
@@ -56,43 +59,7 @@ class MixedRun(RunError):
     """The fold checkpoints do not belong to one run (model, label names or extraction settings differ)."""
 
 
-# -- writing ------------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
-    """Write `data` to `path` through ``path.tmp`` (free space checked first, fsync, `os.replace`).
-    A full disk or an unwritable folder raises one `cache.store.CacheError` (`DiskSpaceError` for
-    a full disk, naming the folder and the size) and leaves no temporary file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    needed = len(data) + 64 * 1024
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store.check_free_space(path.parent, needed, f"writing {path.name}")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        store._fsync_path(tmp)
-        os.replace(tmp, path)
-    except store.DiskSpaceError:
-        store.remove_quietly(tmp)
-        raise
-    except OSError as exc:
-        store.remove_quietly(tmp)
-        raise store.storage_error(exc, path, needed) from None
-    store._fsync_path(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def npz_bytes(**arrays) -> memoryview:
-    """An uncompressed .npz in memory (written with `atomic_write_bytes`: np.savez into a full
-    disk fails inside zipfile and leaves half a file)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getbuffer()
-
-
+# -- writing (files through pipeline/training/atomic.py) ------------------------------------
 def fold_dirs(run_dir: str | Path) -> dict[int, Path]:
     """{k: RUN_DIR/fold_<k>} of the fold folders present."""
     run_dir = Path(run_dir)
@@ -184,7 +151,7 @@ class RunState:
 
 def _run_json(run_dir: Path) -> dict:
     try:
-        info = json.loads((run_dir / "run.json").read_text())
+        info = json.loads((run_dir / RUN_JSON).read_text())
     except (OSError, ValueError):
         return {}
     return info if isinstance(info, dict) else {}
@@ -202,7 +169,7 @@ def _config_folds(run_dir: Path) -> list[int] | None:
     import yaml
 
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        config = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None
     return _folds_of_train(config.get("train") or {}) if isinstance(config, dict) else None
@@ -325,3 +292,122 @@ def _check_checkpoints(run_dir: Path, present: dict[int, Path], info: dict) -> d
                 "into one ensemble; retrain into a new directory"
             )
     return payloads
+
+
+# -- the reader ---------------------------------------------------------------------------------
+
+class RunDir:
+    """A `drct train` run directory as every command reads it (`drct report`, `evaluate`,
+    `interpret`, `predict --run`): `check` first (`check_run`), then typed accessors. A file a
+    reader needs and the run lacks (run.json, oof.npz) is a `RunError` naming it; a damaged
+    oof.npz is a `pipeline.oof.OofError`; an invalid thresholds.json a ValueError."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._run_json: dict | None = None
+        self._config: dict | None = None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def check(self, allow_partial: bool = False, need_checkpoints: bool = False) -> RunState:
+        """`check_run`: an incomplete run is refused (`IncompleteRun`) unless `allow_partial`, a mixed one always."""
+        return check_run(self.path, allow_partial=allow_partial, need_checkpoints=need_checkpoints)
+
+    def require(self, *names: str) -> None:
+        """`RunError` unless the run holds the files `names` (e.g. run.json, oof.npz)."""
+        for name in names:
+            if not (self.path / name).is_file():
+                raise RunError(f"{self.path / name} not found: is {self.path} a finished `drct train` run directory?")
+
+    @property
+    def run_json(self) -> dict:
+        """run.json's content (cache, provenance, label names, folds, resolutions, ...)."""
+        if self._run_json is None:
+            self.require(RUN_JSON)
+            try:
+                info = json.loads((self.path / RUN_JSON).read_text())
+            except (OSError, ValueError) as exc:
+                raise RunError(f"{self.path / RUN_JSON} is not readable ({type(exc).__name__}: {exc}); "
+                               "re-run `drct train` to write it again") from None
+            if not isinstance(info, dict):
+                raise RunError(f"{self.path / RUN_JSON} is not a run record (no JSON object); "
+                               "re-run `drct train` to write it again")
+            self._run_json = info
+        return self._run_json
+
+    @property
+    def config(self) -> dict:
+        """The merged config the run was trained with (config.yaml); {} where the run has none."""
+        if self._config is None:
+            import yaml
+
+            path = self.path / CONFIG
+            self._config = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+        return self._config
+
+    @property
+    def label_names(self) -> list[str]:
+        """run.json's label names ([] where it records none)."""
+        return [str(n) for n in self.run_json.get("label_names") or []]
+
+    @property
+    def threshold(self) -> float:
+        """The run's one decision threshold: evaluate.threshold of its config (0.5 by default)."""
+        return float((self.config.get("evaluate") or {}).get("threshold", 0.5))
+
+    def cache_path(self, override: str | Path | None = None) -> Path:
+        """The feature cache the run was trained on (run.json), or `override`; a relative path that
+        does not exist from here is taken relative to the run directory."""
+        path = Path(override) if override else Path(str(self.run_json.get("cache", "")))
+        if override or path.is_absolute() or path.exists():
+            return path
+        return self.path / path
+
+    @property
+    def provenance(self) -> dict:
+        """run.json's provenance with its recorded encoder weights digest."""
+        provenance = dict(self.run_json.get("provenance") or {})
+        if self.run_json.get("weights_digest"):
+            provenance["weights_digest"] = self.run_json["weights_digest"]
+        return provenance
+
+    @property
+    def folds(self) -> dict[int, Path]:
+        """{k: RUN_DIR/fold_<k>} of the fold folders present."""
+        return fold_dirs(self.path)
+
+    def checkpoints(self, allow_partial: bool = False) -> list[Path]:
+        """The finished folds' checkpoints, in fold order, after `check` (a fold of the run without
+        a checkpoint counts as missing); `RunError` where there is none."""
+        state = self.check(allow_partial=allow_partial, need_checkpoints=True)
+        if not state.checkpoints:
+            raise RunError(f"{self.path}: no fold_<k>/{CHECKPOINT}; is it a finished `drct train` run directory?")
+        return state.checkpoints
+
+    def oof(self, required: tuple[str, ...] | None = None) -> dict:
+        """oof.npz's arrays, checked (`pipeline.oof.read_oof`; `required` beyond its REQUIRED)."""
+        from pipeline.oof import REQUIRED, read_oof
+
+        self.require(OOF)
+        return read_oof(self.path / OOF, tuple(dict.fromkeys((*REQUIRED, *(required or ())))))
+
+    @property
+    def oof_path(self) -> Path:
+        return self.path / OOF
+
+    def thresholds(self, names) -> np.ndarray | None:
+        """The per-class thresholds of thresholds.json (`drct evaluate --threshold-from oof`) in
+        `names` order; None if the run has none; ValueError for an invalid file
+        (`pipeline.calibration.run_thresholds`)."""
+        from pipeline.calibration import run_thresholds
+
+        return run_thresholds(self.path, names)
+
+    def history(self, fold: int) -> list[dict] | None:
+        """fold_<k>/history.json (one record per epoch); None where absent or unreadable."""
+        try:
+            history = json.loads((self.path / f"fold_{int(fold)}" / HISTORY).read_text())
+        except (OSError, ValueError):
+            return None
+        return history if isinstance(history, list) else None

@@ -42,6 +42,7 @@ from pipeline.heads.build import build_model, head_spec, predict
 from pipeline.heads.head import Head, HeadSpec
 from pipeline.metrics import classification_metrics
 from pipeline.training import rundir
+from pipeline.training.atomic import atomic_write_text
 from pipeline.training.checkpoint import save_checkpoint
 from pipeline.training.dataset import CachedFeatures
 from pipeline.training.folds import assign_folds, patients_split_across_folds, read_folds_file
@@ -335,20 +336,15 @@ def fit_closed_form(spec: HeadSpec, model: Head, data: CachedFeatures, train_sca
 
 def write_oof(path: Path, data: CachedFeatures, scans: np.ndarray, fold: np.ndarray, preds: dict) -> Path:
     """oof.npz: one row per evaluated scan (no pickles; strings as unicode arrays); written atomically."""
-    return rundir.atomic_write_bytes(path, rundir.npz_bytes(
-        scan_id=np.asarray([str(s) for s in data.scan_id[scans]], dtype=str),
-        patient_id=np.asarray([str(p) for p in data.patient_id[scans]], dtype=str),
-        cache_index=np.asarray(scans, np.int64),
-        fold=np.asarray(fold, np.int64),
-        labels=data.labels[scans].astype(np.float32),
-        prob=preds["prob"].astype(np.float32),
-        prob_primary=preds["prob_primary"].astype(np.float32),
-        prob_aps=preds["prob_aps"].astype(np.float32),
-        sample_idx=preds["sample_idx"].astype(np.int64),
-        slice_attention=preds["slice_attention"].astype(np.float32),
-        feature_attention=preds["feature_attention"].astype(np.float16),
-        aps_idx=preds["aps_idx"].astype(np.int64),
-    ))
+    from pipeline.oof import write_predictions
+
+    return write_predictions(path, {
+        "scan_id": np.asarray([str(s) for s in data.scan_id[scans]], dtype=str),
+        "patient_id": np.asarray([str(p) for p in data.patient_id[scans]], dtype=str),
+        "cache_index": np.asarray(scans, np.int64),
+        "fold": np.asarray(fold, np.int64),
+        "labels": data.labels[scans].astype(np.float32),
+    }, preds)
 
 
 def run_training(
@@ -530,8 +526,8 @@ def _train_locked(config: dict, cache: FeatureCache, cache_path, out: Path, res:
                     "from the interrupted run")
             else:
                 rundir.start_fresh(out, state)
-            rundir.atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-            rundir.atomic_write_text(out / "run.json", json.dumps(run_info, indent=1))
+            atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+            atomic_write_text(out / "run.json", json.dumps(run_info, indent=1))
             if on_epoch is not None:  # the dvclive curves of the kept folds, as an uninterrupted run logs them
                 for kept in sorted(completed):
                     for record in completed[kept][2]:
@@ -563,7 +559,7 @@ def _train_locked(config: dict, cache: FeatureCache, cache_path, out: Path, res:
             with stop.deferred():  # the fold's files: checkpoint, history, then oof.npz (its commit point)
                 fold_dir = out / f"fold_{fold}"
                 save_checkpoint(fold_dir / rundir.CHECKPOINT, model, config, cache.provenance, names, fold)
-                rundir.atomic_write_text(fold_dir / rundir.HISTORY, json.dumps(history, indent=1))
+                atomic_write_text(fold_dir / rundir.HISTORY, json.dumps(history, indent=1))
                 finished = {**completed, fold: (val_scans, {key: preds[key] for key in OOF_PREDICTIONS}, history)}
                 write_oof(out / "oof.npz", data, *_merged(finished))
                 completed = finished
