@@ -12,8 +12,9 @@ An entry may also be a Layout itself (a test registering a toy layout).
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
+
+from pipeline.lazy import resolve
 
 LAYOUTS: dict[str, object] = {
     "rsna": "pipeline.data.rsna:LAYOUT",  # RSNA 2019 ICH: flat ID_*.dcm + stage_2_train.csv
@@ -40,11 +41,7 @@ def get(name: str):
     """The Layout registered as `name`; ValueError naming the registered layouts."""
     if name not in LAYOUTS:
         raise ValueError(f"unknown layout {name!r}: expected one of {', '.join(LAYOUTS)}")
-    entry = LAYOUTS[name]
-    if not isinstance(entry, str):
-        return entry
-    module, _, attribute = entry.partition(":")
-    return getattr(importlib.import_module(module), attribute)
+    return resolve(LAYOUTS[name])
 
 
 def guess(root: str | Path) -> tuple[str, str]:
