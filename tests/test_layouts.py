@@ -38,7 +38,7 @@ def test_the_registry_is_the_only_list_of_layouts():
     """The config schema, the --layout choices of extract, adapt and phantom, and the indexer offer
     exactly the registry's names, and no other source file spells out a list of them."""
     names = layouts.names()
-    assert names == ("rsna", "cq500", "folder")  # also every listing's order (--help, messages)
+    assert names[-1] == "folder"  # the catch-all, asked last by the guesser
     for name in names:
         assert load_config(None, {"dataset.layout": name})["dataset"]["layout"] == name
         assert layouts.get(name).name == name
