@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
 
@@ -136,8 +137,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="allow", strict=False)
 
 
+def _one_of(value, choices: tuple[str, ...]):
+    """`value` if it is one of `choices`, else the error a Literal of them gives (validate_config's
+    "did you mean" reads it): for choices read from a registry when the config is validated."""
+    if isinstance(value, str) and value in choices:
+        return value
+    expected = " or ".join(filter(None, [", ".join(map(repr, choices[:-1])), repr(choices[-1])]))
+    raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+
+
 class DatasetSchema(_Section):
-    layout: Literal["rsna", "cq500", "folder"]
+    # Layout names are those of the layout registry (pipeline/data/layouts.py, read at validation time).
+    layout: str
     data: str
     labels: str | None = None
     scan_labels: str | None = None
@@ -147,12 +158,26 @@ class DatasetSchema(_Section):
     max_pixels: Annotated[int, Field(ge=1)] = 4096 * 4096
     min_size: Annotated[int, Field(ge=1)] = 16
 
+    @field_validator("layout", mode="before")
+    @classmethod
+    def _registered_layout(cls, layout):
+        from pipeline.data import layouts
+
+        return _one_of(layout, layouts.names())
+
 
 class PhantomSchema(_Section):
     scans: PositiveInt
     seed: int
-    layout: Literal["rsna", "cq500"]
+    layout: str  # a registered layout the phantom writes
     size: Annotated[int, Field(ge=16, le=4096)]
+
+    @field_validator("layout", mode="before")
+    @classmethod
+    def _phantom_layout(cls, layout):
+        from pipeline.data import layouts
+
+        return _one_of(layout, layouts.phantom_names())
 
 
 class ExtractSchema(_Section):

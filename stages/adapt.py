@@ -6,13 +6,21 @@ from pathlib import Path
 
 import click
 
-from stages.options import StageError, guess_layout, load_stage_config, progress_option, set_option
+from pipeline.data import layouts
+from stages.options import (
+    LayoutOption,
+    StageError,
+    guess_layout,
+    load_stage_config,
+    progress_option,
+    set_option,
+)
 
 
 @click.command("adapt")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (defaults: configs/defaults.yaml).")
 @click.option("--data", help="DICOM tree with slice labels, NOT the scans stage two will train or validate on [adapt.data].")
-@click.option("--layout", type=click.Choice(["rsna", "cq500", "folder"]), help="Layout of --data [adapt.layout; guessed if unset].")
+@click.option("--layout", cls=LayoutOption, type=click.Choice(layouts.names()), help="Layout of --data [adapt.layout; guessed if unset].")
 @click.option("--out", help="Adapted VGG16 state dict to write (+ OUT.json, OUT.work/) [adapt.out].")
 @click.option("--weights", help="Source weights: imagenet | FILE | random:SEED [extract.weights].")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs over the slices [adapt.epochs].")

@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from pipeline.config import ConfigError
+from pipeline.data import layouts
 from stages.options import (
+    LayoutOption,
     StageError,
     SuggestingChoice,
     config_sets,
@@ -16,8 +18,6 @@ from stages.options import (
     load_stage_config,
     set_option,
 )
-
-LAYOUTS = ("rsna", "cq500", "folder")
 
 
 def _resolutions(value: str | None) -> list[int] | None:
@@ -32,7 +32,7 @@ def _resolutions(value: str | None) -> list[int] | None:
 @click.command("extract")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (defaults: configs/defaults.yaml).")
 @click.option("--data", help="Root of the DICOM tree [dataset.data].")
-@click.option("--layout", type=SuggestingChoice(LAYOUTS),
+@click.option("--layout", cls=LayoutOption, type=SuggestingChoice(layouts.names()),
               help="Dataset layout [dataset.layout]; if neither this nor the config sets it, guessed from the tree.")
 @click.option("--labels", help="Label CSV; default: the layout's own file [dataset.labels].")
 @click.option("--scan-labels", help="Scan-level label CSV (id column + one column per class) that gives or overrides "
@@ -122,9 +122,9 @@ def extract(config_path, data, layout, labels, scan_labels, out, resolutions, we
     if layout is None and "dataset.layout" not in settings_keys(settings) and not config_sets(config_path, "dataset.layout"):
         dataset["layout"], why = guess_layout(root)
         click.echo(f"--layout not given: using --layout {dataset['layout']} ({why}); pass --layout to choose", err=True)
-    elif dataset["layout"] not in LAYOUTS:
-        raise StageError(f"dataset.layout {dataset['layout']!r} is not one of {', '.join(LAYOUTS)}"
-                         f"{did_you_mean(dataset['layout'], LAYOUTS)}")
+    elif dataset["layout"] not in layouts.names():
+        raise StageError(f"dataset.layout {dataset['layout']!r} is not one of {', '.join(layouts.names())}"
+                         f"{did_you_mean(dataset['layout'], layouts.names())}")
     index = _build_index(root, dataset["layout"], dataset.get("labels"), progress, dataset.get("scan_labels"),
                          dataset.get("cq500_series", "all"), bool(dataset.get("cq500_bone", False)),
                          dataset.get("allow_modalities"), image_limits(dataset))

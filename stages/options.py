@@ -5,7 +5,8 @@
 * ``--progress/--no-progress`` on every command with a progress bar (``--quiet`` is a hidden alias
   of ``--no-progress`` kept for old scripts).
 * ``StageError``: a refusal of bad input, message on stderr, exit code 2, no traceback.
-* ``guess_layout``: the dataset layout of a DICOM tree from its file names, with the reason.
+* ``guess_layout``: the dataset layout of a DICOM tree from its file names, with the reason;
+  ``LayoutOption``: a --layout whose help describes each registered layout.
 """
 
 from __future__ import annotations
@@ -93,17 +94,27 @@ def load_stage_config(config_path, overrides: dict, settings=()) -> dict:
 
 
 def guess_layout(root: str | Path) -> tuple[str, str]:
-    """(layout, why) of a DICOM tree: CQ500 by its reads.csv / 'CQ500CT' folders, RSNA by its
-    stage_2_train.csv / flat ID_*.dcm files, else a plain folder of series."""
-    root = Path(root)
-    names = [p.name for p in root.iterdir()] if root.is_dir() else []
-    if "reads.csv" in names or any(n.upper().startswith("CQ500") for n in names):
-        return "cq500", "this looks like CQ500 (reads.csv or CQ500CT<n> folders)"
-    if any(n.endswith(".csv") and "stage_2_train" in n for n in names) or any(
-        n.startswith("ID_") and n.endswith(".dcm") for n in names
-    ) or (root / "stage_2_train").is_dir():
-        return "rsna", "this looks like RSNA 2019 (stage_2_train.csv or flat ID_*.dcm files)"
-    return "folder", "no CQ500 or RSNA markers: one scan per DICOM series, no labels"
+    """(layout, why) of a DICOM tree: the first registered layout (pipeline/data/layouts.py) whose
+    `detect` recognises it (CQ500 by its reads.csv / 'CQ500CT' folders, RSNA by its
+    stage_2_train.csv / flat ID_*.dcm files), else a plain folder of series."""
+    from pipeline.data import layouts
+
+    return layouts.guess(root)
+
+
+class LayoutOption(click.Option):
+    """A --layout option whose help ends with each choice's one-line `Layout.help`, read from the
+    layout modules only when the help is shown (`drct` starts without importing the readers)."""
+
+    def get_help_record(self, ctx):
+        from pipeline.data import layouts
+
+        told = self.help
+        self.help = f"{told} " + "; ".join(f"{name}: {layouts.get(name).help}" for name in self.type.choices) + "."
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.help = told
 
 
 def config_sets(config_path, dotted: str) -> bool:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import click
 
+from pipeline.data import layouts
 from stages.options import SuggestingChoice, load_stage_config, progress_option, set_option
-
-LAYOUTS = ["rsna", "cq500"]
 
 
 @click.command()
 @click.argument("out", required=False, type=click.Path(file_okay=False))
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (defaults: configs/defaults.yaml).")
-@click.option("--layout", type=SuggestingChoice(LAYOUTS), help="Folder layout to write [phantom.layout].")
+@click.option("--layout", type=SuggestingChoice(layouts.phantom_names()),  # the registered layouts it writes
+              help="Folder layout to write [phantom.layout].")
 @click.option("--scans", type=click.IntRange(min=1), help="Number of scans [phantom.scans].")
 @click.option("--seed", type=int, help="Random seed; the same seed gives identical files [phantom.seed].")
 @click.option("--size", type=click.IntRange(32, 1024), help="Nominal image matrix in pixels [phantom.size].")

@@ -52,6 +52,7 @@ import numpy as np
 
 from pipeline.data.dicom_io import ImageLimits
 from pipeline.data.labels import CQ500_LABELS
+from pipeline.data.layout import IndexRequest, Layout, top_names
 from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
 from pipeline.data.series import (
     SliceHeader,
@@ -329,6 +330,27 @@ def cohort_summary(index: ScanIndex) -> dict:
         "slices": sum(lengths),
         "series_left_out": sum(1 for r in index.rejects if "left out" in r.reason),
     }
+
+
+def detect(root: Path) -> bool:
+    """A CQ500 tree: reads.csv or CQ500CT<n> patient folders at the top."""
+    names = top_names(root)
+    return DEFAULT_LABELS in names or any(n.upper().startswith("CQ500") for n in names)
+
+
+def _index(root: Path, request: IndexRequest) -> ScanIndex:
+    return build_cq500_index(root, request.labels_csv, scan_labels_csv=request.scan_labels_csv,
+                             series=request.cq500_series, bone=request.cq500_bone, **request.reading())
+
+
+LAYOUT = Layout(
+    name="cq500",
+    help="CQ500, CQ500CT<n> patient folders of series + reads.csv (three readers' study labels)",
+    detect=detect,
+    looks_like="this looks like CQ500 (reads.csv or CQ500CT<n> folders)",
+    index=_index,
+    label_names=tuple(CQ500_LABELS),
+)
 
 
 def main(argv: list[str] | None = None) -> int:

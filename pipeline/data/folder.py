@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from pipeline.data.dicom_io import ImageLimits
+from pipeline.data.layout import IndexRequest, Layout
 from pipeline.data.scan_index import ScanIndex, ScanRecord
 from pipeline.data.series import (
     SliceHeader,
@@ -61,3 +62,16 @@ def build_folder_index(
             )
         )
     return index
+
+
+def _index(root: Path, request: IndexRequest) -> ScanIndex:
+    return build_folder_index(root, **request.reading())
+
+
+LAYOUT = Layout(
+    name="folder",
+    help="any folder of DICOM series, one scan per SeriesInstanceUID, no labels",
+    detect=lambda root: True,  # the catch-all: last in the registry
+    looks_like="no CQ500 or RSNA markers: one scan per DICOM series, no labels",
+    index=_index,
+)

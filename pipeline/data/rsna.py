@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pipeline.data.dicom_io import ImageLimits
 from pipeline.data.labels import RSNA_LABELS
+from pipeline.data.layout import IndexRequest, Layout, top_names
 from pipeline.data.scan_index import Reject, ScanIndex, ScanRecord
 from pipeline.data.series import (
     SIDECAR_SUFFIXES,
@@ -208,3 +209,25 @@ def build_rsna_index(
             continue
         index.scans.append(record)
     return index
+
+
+def detect(root: Path) -> bool:
+    """An RSNA tree: stage_2_train*.csv, flat ID_*.dcm files or a stage_2_train/ folder at the top."""
+    names = top_names(root)
+    return any(n.endswith(".csv") and IMAGE_FOLDER in n for n in names) or any(
+        n.startswith("ID_") and n.endswith(".dcm") for n in names
+    ) or (Path(root) / IMAGE_FOLDER).is_dir()
+
+
+def _index(root: Path, request: IndexRequest) -> ScanIndex:
+    return build_rsna_index(root, request.labels_csv, scan_labels_csv=request.scan_labels_csv, **request.reading())
+
+
+LAYOUT = Layout(
+    name="rsna",
+    help="RSNA 2019, flat ID_*.dcm (in root or root/stage_2_train/) + stage_2_train.csv slice labels",
+    detect=detect,
+    looks_like="this looks like RSNA 2019 (stage_2_train.csv or flat ID_*.dcm files)",
+    index=_index,
+    label_names=tuple(RSNA_LABELS),
+)

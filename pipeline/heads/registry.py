@@ -9,7 +9,7 @@ test registering a toy head).
 
 from __future__ import annotations
 
-import importlib
+from pipeline.lazy import resolve
 
 HEADS: dict[str, object] = {
     "drct1": "pipeline.heads.drct2:DRCT1",  # the primary network only (paper V.A)
@@ -30,11 +30,7 @@ def spec(name: str):
     key = str(name).lower()
     if key not in HEADS:
         raise ValueError(f"unknown model '{name}'; choose from {', '.join(HEADS)}")
-    entry = HEADS[key]
-    if not isinstance(entry, str):
-        return entry
-    module, _, attribute = entry.partition(":")
-    return getattr(importlib.import_module(module), attribute)
+    return resolve(HEADS[key])
 
 
 def source(name: str) -> str:

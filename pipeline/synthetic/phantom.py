@@ -49,7 +49,6 @@ from pipeline.synthetic.phantom_anatomy import (
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 IMPLEMENTATION_UID = "1.2.826.0.1.3680043.8.498.1.7401"   # fixed: files must not depend on versions
-LAYOUTS = ("rsna", "cq500")
 MARKER = "phantom.json"
 # RSNA subtype <- phantom class
 RSNA_FROM_CLASS = {"any": "ICH", "epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
@@ -417,16 +416,15 @@ def make_phantom(out: str | Path, layout: str = "rsna", scans: int = 60, seed: i
     An existing phantom in `out` (recognised by its phantom.json marker) is replaced; any other
     non-empty folder is refused unless `force`. `progress(i, n)` is called after each scan.
     """
-    if layout not in LAYOUTS:
-        raise PhantomError(f"unknown phantom layout '{layout}' (choose one of {', '.join(LAYOUTS)})")
+    if layout not in WRITERS:
+        raise PhantomError(f"unknown phantom layout '{layout}' (choose one of {', '.join(WRITERS)})")
     if scans < 1:
         raise PhantomError(f"--scans must be at least 1, got {scans}")
     if not 32 <= size <= 1024:
         raise PhantomError(f"--size must be between 32 and 1024 pixels, got {size}")
     out = Path(out)
     _prepare_out(out, force)
-    writer = _write_rsna if layout == "rsna" else _write_cq500
-    summary = writer(out, scans, seed, size, progress)
+    summary = WRITERS[layout](out, scans, seed, size, progress)
     params = {"layout": layout, "scans": scans, "seed": seed, "size": size,
               "summary": {"scan_counts": summary.scan_counts, "slice_counts": summary.slice_counts}}
     (out / MARKER).write_text(json.dumps(params, indent=2) + "\n")
@@ -570,3 +568,7 @@ def _write_cq500(out: Path, scans: int, seed: int, size: int, progress) -> Phant
     _write_truth(out, ["scan_id", "patient_id", "name", "series_description", "n_slices", *CQ500_LABELS],
                  truth_rows)
     return PhantomSummary("cq500", scans, scans, n_series, files, total_bytes, scan_counts, slice_counts)
+
+
+# The layouts the phantom writes (pipeline/data/layouts.py's PHANTOM_LAYOUTS: what `drct phantom` offers).
+WRITERS = {"rsna": _write_rsna, "cq500": _write_cq500}
