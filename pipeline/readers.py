@@ -21,13 +21,12 @@ Every scan of a patient carries that patient's reads.
 
 from __future__ import annotations
 
-import csv
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.cq500 import READERS, patient_name
+from pipeline.data.cq500 import READERS, majority_vote, patient_name, read_reader_votes
 from pipeline.data.labels import CQ500_LABELS
 from pipeline.metrics import classification_metrics
 
@@ -35,37 +34,13 @@ from pipeline.metrics import classification_metrics
 def read_reader_labels(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
     """(names, {R1: (n, 9), R2: ..., R3: ...}): each reader's 0/1 read of the nine `CQ500_LABELS`
     per patient (``CQ500-CT-<n>``, in file order); a blank cell is NaN."""
-    path = Path(path)
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [f"{r}:{c}" for c in CQ500_LABELS for r in READERS if f"{r}:{c}" not in (reader.fieldnames or [])]
-        if "name" not in (reader.fieldnames or []) or missing:
-            raise ValueError(f"{path}: not a CQ500 reads.csv, columns missing: {', '.join((['name'] if 'name' not in (reader.fieldnames or []) else []) + missing[:6])}")
-        names, rows = [], []
-        for line, row in enumerate(reader, start=2):
-            name = patient_name(row["name"] or "")
-            if name is None:
-                raise ValueError(f"{path}, line {line}: name {row['name']!r} is not CQ500-CT-<n>")
-            values = []
-            for r in READERS:
-                for c in CQ500_LABELS:
-                    cell = (row[f"{r}:{c}"] or "").strip()
-                    try:
-                        values.append(float(cell) >= 0.5 if cell else np.nan)
-                    except ValueError:
-                        raise ValueError(f"{path}, line {line}: {r}:{c} = {cell!r} is not 0/1") from None
-            names.append(name)
-            rows.append(values)
-    table = np.asarray(rows, np.float64).reshape(len(rows), len(READERS), len(CQ500_LABELS))
-    return names, {r: table[:, k, :] for k, r in enumerate(READERS)}
+    names, votes = read_reader_votes(path)
+    return names, {r: votes[:, k, :] for k, r in enumerate(READERS)}
 
 
 def majority(reads: dict[str, np.ndarray]) -> np.ndarray:
     """(n, C) majority label: 1 when more than half of the readers who answered say 1 (0 if none answered)."""
-    stack = np.stack(list(reads.values()))
-    answered = (~np.isnan(stack)).sum(0)
-    yes = np.nansum(stack, 0)
-    return (2 * yes > answered).astype(np.float64)
+    return majority_vote(np.stack(list(reads.values()), axis=1))
 
 
 def fleiss_kappa(ratings: np.ndarray) -> float:

@@ -86,8 +86,9 @@ def patient_name(text: str) -> str | None:
     return f"CQ500-CT-{int(match.group(1))}" if match else None
 
 
-def read_cq500_reads(path: str | Path) -> dict[str, list[float]]:
-    """reads.csv -> {CQ500-CT-<n>: nine majority labels in `CQ500_LABELS` order}."""
+def read_reader_votes(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """reads.csv -> (names CQ500-CT-<n> in file order, (n, len(READERS), 9) reads in `CQ500_LABELS`
+    order: 1.0/0.0, NaN for a blank cell). The one parser of reads.csv (labels and reader evaluation)."""
     path = Path(path)
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
@@ -99,26 +100,34 @@ def read_cq500_reads(path: str | Path) -> dict[str, list[float]]:
                 f"{path}: not a CQ500 reads.csv, columns missing: {', '.join(missing[:6])}"
                 + (" ..." if len(missing) > 6 else "")
             )
-        labels = {}
+        names, rows = [], []
         for line, row in enumerate(reader, start=2):
             name = patient_name(row["name"] or "")
             if name is None:
                 raise ValueError(f"{path}, line {line}: name {row['name']!r} is not CQ500-CT-<n>")
-            vector = []
-            for label in CQ500_LABELS:
-                votes = []
-                for r in READERS:
+            values = []
+            for r in READERS:
+                for label in CQ500_LABELS:
                     cell = (row[f"{r}:{label}"] or "").strip()
-                    if cell:
-                        try:
-                            votes.append(float(cell))
-                        except ValueError as exc:
-                            raise ValueError(
-                                f"{path}, line {line}: {r}:{label} = {cell!r} is not 0/1"
-                            ) from exc
-                vector.append(1.0 if votes and 2 * sum(v >= 0.5 for v in votes) > len(votes) else 0.0)
-            labels[name] = vector
-    return labels
+                    try:
+                        values.append(float(float(cell) >= 0.5) if cell else np.nan)
+                    except ValueError:
+                        raise ValueError(f"{path}, line {line}: {r}:{label} = {cell!r} is not 0/1") from None
+            names.append(name)
+            rows.append(values)
+    return names, np.asarray(rows, np.float64).reshape(len(rows), len(READERS), len(CQ500_LABELS))
+
+
+def majority_vote(votes: np.ndarray) -> np.ndarray:
+    """(n, R, C) reads -> (n, C): 1 when more than half of the readers who answered say 1 (0 if none did)."""
+    answered = (~np.isnan(votes)).sum(axis=1)
+    return (2 * np.nansum(votes, axis=1) > answered).astype(np.float64)
+
+
+def read_cq500_reads(path: str | Path) -> dict[str, list[float]]:
+    """reads.csv -> {CQ500-CT-<n>: nine majority labels in `CQ500_LABELS` order}."""
+    names, votes = read_reader_votes(path)
+    return {name: [float(v) for v in row] for name, row in zip(names, majority_vote(votes))}
 
 
 def read_slice_labels(path: Path) -> dict[str, list[int]]:
