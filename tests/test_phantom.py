@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.data.labels import CQ500_LABELS, RSNA_LABELS
+from pipeline.pseudonym import KEY_NAME, load_or_create_key
 from pipeline.synthetic.phantom import (
     CT_IMAGE_STORAGE,
     PhantomError,
@@ -61,6 +62,10 @@ def test_same_seed_same_files_and_other_seed_differs(tmp_path):
     for rel in files_a:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     assert (a / "slice_labels.csv").read_bytes() != (c / "slice_labels.csv").read_bytes()
+    # the pseudonym key too: a fresh `dvc repro` gives the same pseudonyms, so the same folds and
+    # bootstrap draws (a random key per data stage changed the demo's metrics on every clone)
+    assert load_or_create_key(a / KEY_NAME) == load_or_create_key(b / KEY_NAME) != load_or_create_key(c / KEY_NAME)
+    assert (a / KEY_NAME).stat().st_mode & 0o777 == 0o600
 
 
 def test_scan_stream_does_not_depend_on_number_of_scans():

@@ -36,6 +36,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cache import csv_safe
 from pipeline.data.labels import CQ500_LABELS, RSNA_LABELS
+from pipeline.pseudonym import KEY_NAME
 from pipeline.synthetic.phantom_anatomy import (
     BLEEDS,
     CLASSES,
@@ -428,7 +429,21 @@ def make_phantom(out: str | Path, layout: str = "rsna", scans: int = 60, seed: i
     params = {"layout": layout, "scans": scans, "seed": seed, "size": size,
               "summary": {"scan_counts": summary.scan_counts, "slice_counts": summary.slice_counts}}
     (out / MARKER).write_text(json.dumps(params, indent=2) + "\n")
+    write_phantom_key(out, seed)
     return summary
+
+
+def write_phantom_key(out: Path, seed: int) -> Path:
+    """The pseudonym key beside the phantom (pipeline/pseudonym.py), derived from the seed.
+
+    Patient pseudonyms order the patients for the folds and the bootstrap, so a fresh random key
+    per `dvc repro` (DVC deletes data/phantom before the data stage) gave other folds and other
+    metrics on every clone. Made-up data has no identity to protect, so its key is reproducible;
+    real data keeps its random key beside it."""
+    path = out / KEY_NAME
+    path.write_text(hashlib.sha256(f"drct phantom pseudonym key {seed}".encode()).hexdigest() + "\n")
+    path.chmod(0o600)
+    return path
 
 
 def _patients(rng: np.random.Generator, scans: int) -> list[int]:
