@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import store
+from pipeline.oof import REQUIRED, read_oof
 from pipeline.training.atomic import atomic_write_text
 
 INCOMPLETE = "incomplete.json"
@@ -387,8 +388,6 @@ class RunDir:
 
     def oof(self, required: tuple[str, ...] | None = None) -> dict:
         """oof.npz's arrays, checked (`pipeline.oof.read_oof`; `required` beyond its REQUIRED)."""
-        from pipeline.oof import REQUIRED, read_oof
-
         self.require(OOF)
         return read_oof(self.path / OOF, tuple(dict.fromkeys((*REQUIRED, *(required or ())))))
 

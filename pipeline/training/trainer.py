@@ -41,6 +41,7 @@ from pipeline.departures import departures
 from pipeline.heads.build import build_model, head_spec, predict
 from pipeline.heads.head import Head, HeadSpec
 from pipeline.metrics import classification_metrics
+from pipeline.oof import OofError, read_oof, write_predictions
 from pipeline.training import rundir
 from pipeline.training.atomic import atomic_write_text
 from pipeline.training.checkpoint import save_checkpoint
@@ -336,8 +337,6 @@ def fit_closed_form(spec: HeadSpec, model: Head, data: CachedFeatures, train_sca
 
 def write_oof(path: Path, data: CachedFeatures, scans: np.ndarray, fold: np.ndarray, preds: dict) -> Path:
     """oof.npz: one row per evaluated scan (no pickles; strings as unicode arrays); written atomically."""
-    from pipeline.oof import write_predictions
-
     return write_predictions(path, {
         "scan_id": np.asarray([str(s) for s in data.scan_id[scans]], dtype=str),
         "patient_id": np.asarray([str(p) for p in data.patient_id[scans]], dtype=str),
@@ -416,8 +415,6 @@ def _resumable_folds(out: Path, folds_run: list[int], data: CachedFeatures, labe
                      fold_of: np.ndarray) -> dict[int, tuple[np.ndarray, dict, list[dict]]]:
     """{fold: (validation scans, predictions, history)} of the interrupted run's finished folds:
     checkpoint and history written and the fold's rows in oof.npz, for exactly its validation scans."""
-    from pipeline.oof import OofError, read_oof
-
     finished = set(rundir.finished_folds(out)) & set(folds_run)
     if not finished or not (out / "oof.npz").is_file():
         return {}
