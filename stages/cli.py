@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "interpret": ("stages.interpret", "interpret_cmd"),
     "sweep": ("stages.sweep", "sweep"),
     "doctor": ("stages.doctor", "doctor"),
+    "fingerprint": ("stages.fingerprint", "fingerprint"),
 }
 
 
@@ -65,6 +66,7 @@ def main():
                 drct sweep     m_key sweep (Fig. 6) drct report     per-scan decision-support pages
                 drct predict   new DICOM series     drct export     cached vectors to npz/parquet/h5
     Demo data:  drct phantom   synthetic head CTs written as real DICOM
+    DVC:        drct fingerprint  the code and config the expensive stages depend on
 
     Every command that reads a config takes --config FILE and --set KEY=VALUE; every command
     with a progress bar takes --progress/--no-progress.

@@ -15,63 +15,16 @@ import cannot hide a dependency or a circle.
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
+from pipeline.fingerprint import ROOT, imported_modules, inside, module_graph, module_name
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
-    """Absolute module names imported anywhere in a file (relative imports resolved)."""
-    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            found.add(module)
-            # `from pipeline.data import rsna` imports the submodule pipeline.data.rsna.
-            found.update(f"{module}.{alias.name}" for alias in node.names)
-    return found
-
-
-def module_name(path: Path, root: Path = ROOT) -> str:
-    parts = path.relative_to(root).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-FIRST_PARTY = ("pipeline", "stages", "cache")
-
-
-def module_graph(root: Path = ROOT, packages=FIRST_PARTY) -> dict[str, set[str]]:
-    """First-party module -> the first-party modules it imports (anywhere in the file).
-
-    `from pipeline.data import rsna` is an edge to pipeline.data and to pipeline.data.rsna;
-    `from cache.store import write_cache` one to cache.store (write_cache is no module). The
-    parent packages a dotted import runs implicitly (cache/__init__.py for cache.store) are no
-    edges: a package that imports its own submodules is no circle."""
-    paths = [path for package in packages for path in sorted((root / package).rglob("*.py"))]
-    names = {module_name(path, root) for path in paths}
-    graph = {}
-    for path in paths:
-        name = module_name(path, root)
-        graph[name] = {m for m in imported_modules(path, root) if m in names and m != name}
-    return graph
+# The graph (every import statement, lazy ones too, read with ast) is pipeline/fingerprint.py's,
+# which the DVC pipeline also uses to know what code a stage runs.
 
 
 def importers(graph: dict[str, set[str]], prefix: str) -> dict[str, list[str]]:
     """{module: [the modules named `prefix` or under it that it imports]}, for those that do."""
     hits = {name: sorted(m for m in deps if inside(m, prefix)) for name, deps in graph.items()}
     return {name: mods for name, mods in hits.items() if mods}
-
-
-def inside(name: str, *prefixes: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 # Import circles that are known and accepted for now, each as the sorted tuple of its modules.
