@@ -34,7 +34,6 @@ FIRST_PARTY = ("pipeline", "stages", "cache")
 NO_OUTPUT_EFFECT = ("pipeline.run_summary",)
 
 
-
 class Manifest(NamedTuple):
     """One fingerprint file: the command modules whose closure it hashes, the config sections it
     resolves (merged with the defaults), files whose bytes it hashes, and the packages the

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install, then reproduce the whole pipeline on the embedded synthetic phantom with DVC:
 # phantom -> extract (random:0 VGG16 at demo resolutions) -> train -> evaluate -> interpret, sweep -> report.
-# Sized for any 2-core CPU (params.yaml says what is scaled down); long stages show rate and ETA.
+# Sized for any 2-core CPU (configs/stage_one.yaml and params.yaml say what is scaled down); long stages show rate and ETA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh

@@ -11,7 +11,7 @@ from stages.options import load_stage_config, set_option
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML config of the run to check (e.g. params.yaml) [configs/defaults.yaml].")
+              help="YAML config of the run to check (e.g. configs/stage_one.yaml, configs/cq500.yaml) [configs/defaults.yaml].")
 @click.option("--data", type=click.Path(), default=None, help="DICOM tree: estimate the cache size for it [dataset.data].")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
               help="Where the cache will be written: free disk there [extract.out].")

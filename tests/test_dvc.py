@@ -65,19 +65,20 @@ class _ConvHook:
 sys.meta_path.insert(0, _ConvHook())
 '''
 
-TINY_PARAMS = {
+TINY_STAGE_ONE = {  # configs/stage_one.yaml of the copy
     "phantom": {"scans": 6, "seed": 3, "layout": "rsna", "size": 32},
     "adapt": {"data": None, "epochs": 1},
     "dataset": {"layout": "rsna", "data": "data/phantom", "labels": None},
     "extract": {"resolutions": [32, 64], "weights": "random:0", "aps_source": "upsampled", "workers": 0,
                 "batch_size": 64},
-    "sampler": {"m": 8},
-    "model": {"name": "drct2", "m_key": 4, "aps_selection": "attention", "aps_resolution": "last"},
-    "train": {"loss": "mse_mse_bce", "lr_primary": 0.0005, "lr_aps": 0.0003, "lr_fusion": 0.0005, "epochs": 1,
-              "batch_size": 4, "folds": 2},
-    "evaluate": {"threshold": 0.5},
-    "interpret": {"sweep_m_keys": "2,4", "sweep_epochs": 1},
 }
+TINY_PARAMS = {  # params.yaml of the copy
+    "sampler": {"m": 8},
+    "model": {"name": "drct2", "m_key": 4},
+    "train": {"lr_primary": 0.0005, "epochs": 1, "batch_size": 4, "folds": 2},
+    "evaluate": {"threshold": 0.5},
+}
+TINY_SWEEP = {"sweep_m_keys: 2,4,8,16": "sweep_m_keys: 2,4", "sweep_epochs: 5": "sweep_epochs: 1"}  # dvc.yaml vars
 
 
 def dvc_yaml() -> dict:
@@ -103,43 +104,61 @@ def lookup(config: dict, dotted: str):
 
 # -- static contract (fast) --------------------------------------------------------------------
 
+STAGE_ONE_CONFIG = "configs/stage_one.yaml"
+STAGE_ONE_SECTIONS = ("phantom", "adapt", "dataset", "extract")
+TREE = {"pipeline", "stages", "cache", "configs"}  # every first-party package, and the configs
 
-def test_extract_never_depends_on_head_code_or_keys():
+
+def test_expensive_stages_depend_on_their_fingerprint_not_on_sources():
+    """adapt, extract, train and sweep list no source file: only their data and the fingerprint of
+    the code and config they run (pipeline/fingerprint.py), which the `fingerprint` stage writes
+    from the whole tree. A head edit therefore never reruns extraction (tests/test_fingerprint.py)."""
     stages = dvc_yaml()["stages"]
-    extract_deps = stages["extract"]["deps"]
-    assert not any(d.startswith(("pipeline/heads", "pipeline/training", "configs")) for d in extract_deps)
-    extract_keys = params_keys(stages["extract"], "params.yaml") + params_keys(stages["extract"], "configs/defaults.yaml")
-    assert not any(k.split(".")[0] in ("model", "train", "sampler", "evaluate") for k in extract_keys)
-    train_deps = stages["train"]["deps"]
-    assert not any(d in ("pipeline/features", "pipeline/data") or d.startswith("pipeline/data") for d in train_deps)
+    assert set(stages["fingerprint"]["deps"]) == TREE
+    assert set(stages["fingerprint"]["outs"]) == {"fingerprints/stage_one.json", "fingerprints/heads.json"}
+    assert set(stages["adapt"]["deps"]) == {"fingerprints/stage_one.json"}
+    assert set(stages["extract"]["deps"]) == {"fingerprints/stage_one.json", "features/adapt", "${dataset.data}"}
+    for name in ("train", "sweep"):
+        assert set(stages[name]["deps"]) == {"features/features.h5", "fingerprints/heads.json"}, name
+    for name in ("data", "adapt", "extract"):
+        assert "params" not in stages[name], name
+        assert f"--config {STAGE_ONE_CONFIG}" in stages[name]["cmd"], name
+    assert f"--config {STAGE_ONE_CONFIG}" in stages["fingerprint"]["cmd"]  # the config extract reads
+    for name in ("data", "evaluate", "interpret", "report"):  # cheap stages: the whole tree
+        assert TREE - {"cache"} <= set(stages[name]["deps"]), name
 
 
-def test_params_come_from_params_yaml_only():
-    """`dvc exp show` lists only params.yaml's keys: no stage lists another params file, and the
-    head stages depend on configs/defaults.yaml as a file instead (extract never does)."""
+def test_params_yaml_is_the_head_experiment():
+    """`dvc exp show` lists every key of params.yaml: it holds the head experiment only, stage one is
+    configs/stage_one.yaml (no DVC params file), and no stage lists another params file."""
     stages = dvc_yaml()["stages"]
     for name, stage in stages.items():
         assert all(isinstance(entry, str) for entry in stage.get("params", [])), name
-    assert "configs/defaults.yaml" in stages["train"]["deps"] and "configs/defaults.yaml" in stages["sweep"]["deps"]
-    assert "configs/defaults.yaml" not in stages["extract"]["deps"]
-    # every key that changes the vectors is written out in params.yaml (extract tracks its sections)
+        assert not {str(e).split(".")[0] for e in stage.get("params", [])} & set(STAGE_ONE_SECTIONS), name
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert {"dataset", "extract"} <= set(stages["extract"]["params"])
-    for key in ("resolutions", "weights", "aps_source", "windows", "precision"):
-        assert key in params["extract"], key
-    assert "scan_labels" in params["dataset"]
+    assert not set(params) & set(STAGE_ONE_SECTIONS)
+    assert {"sampler", "model", "train"} <= set(stages["train"]["params"])
+    stage_one = yaml.safe_load((REPO / STAGE_ONE_CONFIG).read_text())
+    assert set(stage_one) == set(STAGE_ONE_SECTIONS)
+    load_config(REPO / STAGE_ONE_CONFIG)  # valid under the schema
+    assert f"{STAGE_ONE_CONFIG}:dataset" in dvc_yaml()["vars"]  # ${dataset.data}
 
 
 def test_readme_ablations_work_with_S():
-    """-S only modifies keys that exist in params.yaml: every ablation the README names is there."""
+    """`-S key=value` modifies a key params.yaml lists; any other key needs `-S ++key=value` (Hydra's
+    add-or-override). Every ablation the README names is set the way that works."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = load_config(None)
     readme = (REPO / "README.md").read_text()
-    keys = {"model.aps_selection", "model.aps_resolution", "train.loss", "model.name", "model.m_key", "train.lr_primary"}
-    for key in keys:
-        assert key in readme, key
-        lookup(params, key)
-    tracked = {k.split(".")[0] for k in dvc_yaml()["stages"]["train"]["params"]}
-    assert {"model", "train", "sampler"} <= tracked
+    for key in ("model.aps_selection", "model.aps_resolution", "train.loss", "model.name", "model.m_key",
+                "train.lr_primary"):
+        lookup(defaults, key)
+        try:
+            lookup(params, key)
+        except KeyError:
+            assert f"-S ++{key}=" in readme, key
+        else:
+            assert f"-S {key}=" in readme, key
 
 
 def test_head_experiments_do_not_rerun_the_sweep():
@@ -185,18 +204,32 @@ def _leaves(value, prefix=""):
     return [prefix[:-1]]
 
 
-def test_metric_columns_of_the_committed_baseline_fit_the_table():
-    """`dvc exp show` has one column per leaf of every declared metrics file: with its meta columns
-    they stay within MAX_COLUMNS (issue 17: 252 before), and the headline has its intervals and n."""
-    import json
+def exp_show_columns(stages: dict, params: dict, metric_files: list[dict], data_path: str) -> list[str]:
+    """The columns `dvc exp show` has for one commit (dvc/repo/experiments/serialize.py): the meta
+    columns, one per metric leaf, one per params.yaml leaf, one per variable a stage interpolates
+    from another file, and one per distinct dependency path (params files excepted)."""
+    columns = list(EXP_SHOW_META)
+    for data in metric_files:
+        columns += _leaves(data)
+    columns += _leaves(params)
+    text = (REPO / "dvc.yaml").read_text()
+    columns += [var for var in ("dataset.data",) if "${" + var + "}" in text]
+    columns += sorted({str(dep).replace("${dataset.data}", data_path) for stage in stages.values()
+                       for dep in stage.get("deps", [])})
+    return columns
 
-    columns = []
-    for stage in dvc_yaml()["stages"].values():
-        for entry in stage.get("metrics", []):
-            path = next(iter(entry)) if isinstance(entry, dict) else entry
-            columns += _leaves(json.loads((REPO / path).read_text()))
-    assert len(EXP_SHOW_META) + len(columns) <= MAX_COLUMNS, columns
+
+def test_exp_show_of_the_committed_baseline_fits_the_table():
+    """Issue 17: `dvc exp show` had 252 columns, then 107; the demo's now fit MAX_COLUMNS, and the
+    headline has its intervals and n (the end-to-end test below counts the real table)."""
+    stages = dvc_yaml()["stages"]
+    metric_files = [json.loads((REPO / (next(iter(e)) if isinstance(e, dict) else e)).read_text())
+                    for stage in stages.values() for e in stage.get("metrics", [])]
+    data_path = yaml.safe_load((REPO / STAGE_ONE_CONFIG).read_text())["dataset"]["data"]
+    columns = exp_show_columns(stages, yaml.safe_load((REPO / "params.yaml").read_text()), metric_files, data_path)
+    assert len(columns) <= MAX_COLUMNS, (len(columns), columns)
     headline = json.loads((REPO / "metrics/metrics.json").read_text())
+    assert metric_files == [headline]  # dvclive's training summary is no metrics file
     for key in ("macro_precision", "macro_recall", "macro_f1", "macro_auc", "macro_ap"):
         assert headline[f"{key}_ci_low"] <= headline[key] <= headline[f"{key}_ci_high"], key
     assert "n" in headline and "per_class" not in headline and "per_fold" not in headline
@@ -206,17 +239,20 @@ def test_metric_columns_of_the_committed_baseline_fit_the_table():
 
 @pytest.mark.parametrize("config", ["params.yaml", "configs/cq500.yaml", "configs/rsna.yaml"])
 def test_params_files_hold_every_listed_key(config):
-    """configs/cq500.yaml and rsna.yaml can replace params.yaml: every params.yaml key a stage
-    other than the phantom lists exists in them, and they load through load_config."""
+    """configs/cq500.yaml and rsna.yaml can replace params.yaml: every key a stage lists exists in
+    them, and they load through load_config."""
     data = yaml.safe_load((REPO / config).read_text())
-    merged = load_config(REPO / config)
-    for name, stage in dvc_yaml()["stages"].items():
-        if name == "data" and config != "params.yaml":
-            continue
+    load_config(REPO / config)
+    for stage in dvc_yaml()["stages"].values():
         for key in params_keys(stage, "params.yaml"):
             lookup(data, key)
-        for key in params_keys(stage, "configs/defaults.yaml"):
-            lookup(merged, key)
+
+
+@pytest.mark.parametrize("config", [STAGE_ONE_CONFIG, "configs/cq500.yaml", "configs/rsna.yaml"])
+def test_stage_one_configs_name_the_dicom_tree(config):
+    """...and configs/stage_one.yaml (its dataset.data is the DICOM tree dvc.yaml interpolates)."""
+    assert isinstance(load_config(REPO / config)["dataset"]["data"], str)
+    lookup(yaml.safe_load((REPO / config).read_text()), "dataset.data")
 
 
 def test_real_configs_have_the_papers_settings():
@@ -259,6 +295,12 @@ def test_dvc_repro_and_head_experiment(tmp_path):
     repo.mkdir()
     _copy_tree(repo)
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    (repo / STAGE_ONE_CONFIG).write_text(yaml.safe_dump(TINY_STAGE_ONE, sort_keys=False))
+    pipeline = (repo / "dvc.yaml").read_text()
+    for old, new in TINY_SWEEP.items():
+        assert old in pipeline, old
+        pipeline = pipeline.replace(old, new)
+    (repo / "dvc.yaml").write_text(pipeline)
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -286,7 +328,7 @@ def test_dvc_repro_and_head_experiment(tmp_path):
     run("git", "commit", "-qm", "tiny pipeline")
 
     out = run(str(DVC), "repro")
-    for stage in ("data", "extract", "train", "evaluate", "interpret", "sweep", "report"):
+    for stage in ("fingerprint", "data", "extract", "train", "evaluate", "interpret", "sweep", "report"):
         assert f"Running stage '{stage}'" in out
     assert "slice/s" in out  # extract's progress bar (rate and ETA) reaches the DVC log
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
@@ -326,27 +368,37 @@ def test_dvc_repro_and_head_experiment(tmp_path):
     assert lr2 and lr2[0][lr_column] == "0.002"
     f1_columns = [c for c in rows[0] if "macro_f1" in c]
     assert f1_columns and all(lr2[0][c] not in ("", "-") for c in f1_columns)
-    # readable: meta and metric columns (not params.yaml's keys, not the dependency hashes) fit MAX_COLUMNS,
-    # and so does the whole table of what changed (README: `dvc exp show --only-changed`)
-    param_keys = {key for key in _leaves(TINY_PARAMS)}
-    deps = {str(d) for st in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values() for d in st.get("deps", [])}
-    deps.add(TINY_PARAMS["dataset"]["data"])  # ${dataset.data}, interpolated
-    data_columns = [c for c in rows[0] if c.split(":")[-1] not in param_keys and c not in deps]
-    assert len(data_columns) <= MAX_COLUMNS, data_columns
-    assert {"macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "macro_ap", "n"} <= {c.split(":")[-1] for c in data_columns}
-    changed = run(str(DVC), "exp", "show", "--csv", "--no-pager", "--only-changed")
-    assert len(next(csv.reader(io.StringIO(changed[changed.index("Experiment"):])))) <= MAX_COLUMNS
-    # only params.yaml's keys are params: none of configs/defaults.yaml's other keys is a column
-    assert not any(c.endswith(("model.gru_hidden", "train.eval_batch_size", "extract.decode_chunk", "report.top_k"))
-                   for c in rows[0])
-    assert not any(c.startswith("configs/defaults.yaml:") for c in rows[0])
+    # readable (issue 17): the plain table, baseline and experiment, fits MAX_COLUMNS with the headline
+    # and its intervals, as the static count of the committed baseline predicts
+    assert len(rows[0]) <= MAX_COLUMNS, (len(rows[0]), list(rows[0]))
+    assert {"macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "macro_ap", "n"} <= {c.split(":")[-1] for c in rows[0]}
+    live_metrics = [json.loads((repo / "metrics/metrics.json").read_text())]
+    predicted = exp_show_columns(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"], TINY_PARAMS, live_metrics,
+                                 TINY_STAGE_ONE["dataset"]["data"])
+    assert sorted(c.split(":")[-1] for c in rows[0]) == sorted(predicted)
+    # only params.yaml's keys are params: none of configs/defaults.yaml's other keys, none of stage one's
+    assert not any(c.endswith(("model.gru_hidden", "train.eval_batch_size", "extract.decode_chunk", "report.top_k",
+                               "extract.resolutions", "phantom.scans")) for c in rows[0])
+    assert not any(c.startswith(("configs/defaults.yaml:", "configs/stage_one.yaml:extract")) for c in rows[0])
 
     diff = run(str(DVC), "metrics", "diff")  # the committed baseline (HEAD) vs the experiment in the workspace
     assert "failed to load" not in diff and "macro_f1" in diff
-    out = run(str(DVC), "exp", "run", "-S", "model.aps_selection=random", "-n", "randomsel")  # README ablation
-    assert "Running stage 'train'" in out and "Running stage 'sweep'" not in out
+    out = run(str(DVC), "exp", "run", "-S", "++model.aps_selection=random", "-n", "randomsel")  # README ablation
+    assert "Running stage 'train'" in out and "Running stage 'sweep'" not in out  # a key params.yaml lacks
+    assert "aps_selection: random" in (repo / "params.yaml").read_text()
 
     run(str(DVC), "plots", "show", "--out", "dvc_plots")
     page = (repo / "dvc_plots" / "index.html").read_text()
     assert "pr_curves.png" in page and "mkey_sweep.png" in page and "val_macro_f1" in page
     assert (repo / "dvc_plots" / "static").is_dir()
+
+    # code edits: a head reruns the heads (and the cheap stages), never stage one; a reader reruns stage one
+    def dirty_after_editing(path: str) -> set[str]:
+        target = repo / path
+        target.write_text(target.read_text() + "\n# an edit\n")
+        run(str(DVC), "repro", "fingerprint")
+        return {line[:-1] for line in run(str(DVC), "status").splitlines() if line.endswith(":") and not line[0].isspace()}
+
+    dirty = dirty_after_editing("pipeline/heads/fusion.py")
+    assert {"train", "sweep"} <= dirty and not {"adapt", "extract"} & dirty, dirty
+    assert {"adapt", "extract"} <= dirty_after_editing("pipeline/features/preprocess.py")
