@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything the tests need, then run the whole suite (CPU only, a few minutes).
+# Install everything the tests need, then run the whole suite (CPU only, about 8 minutes on 2 cores).
 # Chromium (Debian package) is used by the report rendering test; without it that test skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,4 +8,7 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "warning: could not install chromium; the browser rendering test will skip" >&2
 fi
 scripts/install.sh
-exec .venv/bin/python -m pytest -q "$@"
+# Two processes, each test file whole in one of them (its module fixtures are built once); the
+# suite spends much of its time in subprocesses and I/O, so two workers halve it on 2 cores.
+# `scripts/test.sh -n 0` runs it in one process; later arguments win.
+exec .venv/bin/python -m pytest -q -n "${DRCT_TEST_WORKERS:-2}" --dist loadfile "$@"

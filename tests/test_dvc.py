@@ -5,9 +5,11 @@ reports; a second `dvc repro` is a no-op; a head-parameter experiment (`dvc exp 
 train.lr_primary=...`) reruns train/evaluate/interpret/report but never data, extract or the
 sweep, and no CNN forward happens in train or evaluate (every Conv2d call of every Python process
 is logged by a sitecustomize hook; the report stage's heatmaps of the five top slices are the
-only convolutions allowed); README ablations work with -S; `dvc exp show` lists the experiment
-with metrics and only params.yaml's params; `dvc metrics diff` compares with the committed
-baseline; `dvc plots show` renders offline with the PNGs as images.
+only convolutions allowed); README ablations work with -S ++; the plain `dvc exp show` has at most
+40 columns, exactly those the static count predicts (headline metrics with CIs, params.yaml's keys,
+the inputs); `dvc metrics diff` compares with the committed baseline; `dvc plots show` renders
+offline with the PNGs as images; a head edit reruns the heads and never extraction, a reader edit
+reruns extraction (the fingerprint stage).
 Also checks the static contract of dvc.yaml, the committed baseline and the real-data configs
 without running DVC.
 """
@@ -72,10 +74,10 @@ TINY_STAGE_ONE = {  # configs/stage_one.yaml of the copy
     "extract": {"resolutions": [32, 64], "weights": "random:0", "aps_source": "upsampled", "workers": 0,
                 "batch_size": 64},
 }
-TINY_PARAMS = {  # params.yaml of the copy
+TINY_PARAMS = {  # params.yaml of the copy: the demo's keys (so its `dvc exp show` has the demo's columns)
     "sampler": {"m": 8},
     "model": {"name": "drct2", "m_key": 4},
-    "train": {"lr_primary": 0.0005, "epochs": 1, "batch_size": 4, "folds": 2},
+    "train": {"lr_primary": 0.0005, "epochs": 1, "folds": 2},
     "evaluate": {"threshold": 0.5},
 }
 TINY_SWEEP = {"sweep_m_keys: 2,4,8,16": "sweep_m_keys: 2,4", "sweep_epochs: 5": "sweep_epochs: 1"}  # dvc.yaml vars
@@ -294,6 +296,7 @@ def test_dvc_repro_and_head_experiment(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     _copy_tree(repo)
+    assert sorted(_leaves(TINY_PARAMS)) == sorted(_leaves(yaml.safe_load((REPO / "params.yaml").read_text())))
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     (repo / STAGE_ONE_CONFIG).write_text(yaml.safe_dump(TINY_STAGE_ONE, sort_keys=False))
     pipeline = (repo / "dvc.yaml").read_text()
@@ -354,7 +357,9 @@ def test_dvc_repro_and_head_experiment(tmp_path):
     assert "Running stage" not in run(str(DVC), "repro")  # second repro: nothing to do
     assert conv_processes() == []
 
-    out = run(str(DVC), "exp", "run", "-S", "train.lr_primary=0.002", "-n", "lr2")
+    # one experiment: a key params.yaml lists (-S) and a README ablation of a key it lacks (-S ++)
+    out = run(str(DVC), "exp", "run", "-S", "train.lr_primary=0.002", "-S", "++model.aps_selection=random", "-n", "lr2")
+    assert "aps_selection: random" in (repo / "params.yaml").read_text()
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
     assert ran == {"train", "evaluate", "interpret", "report"}  # never data, extract or the sweep
     assert _sha(cache) == cache_hash and cache.stat().st_mtime_ns == cache_mtime
@@ -366,14 +371,16 @@ def test_dvc_repro_and_head_experiment(tmp_path):
     lr2 = [row for row in rows if row.get("Experiment") == "lr2"]
     lr_column = next(c for c in rows[0] if c.endswith("train.lr_primary"))
     assert lr2 and lr2[0][lr_column] == "0.002"
+    assert lr2[0][next(c for c in rows[0] if c.endswith("model.aps_selection"))] == "random"  # the added column
     f1_columns = [c for c in rows[0] if "macro_f1" in c]
     assert f1_columns and all(lr2[0][c] not in ("", "-") for c in f1_columns)
-    # readable (issue 17): the plain table, baseline and experiment, fits MAX_COLUMNS with the headline
-    # and its intervals, as the static count of the committed baseline predicts
+    # readable (issue 17): the plain table, baseline and experiment (with its added key), fits MAX_COLUMNS
+    # with the headline and its intervals, as the static count of the committed baseline predicts
     assert len(rows[0]) <= MAX_COLUMNS, (len(rows[0]), list(rows[0]))
     assert {"macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "macro_ap", "n"} <= {c.split(":")[-1] for c in rows[0]}
     live_metrics = [json.loads((repo / "metrics/metrics.json").read_text())]
-    predicted = exp_show_columns(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"], TINY_PARAMS, live_metrics,
+    params = {**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "aps_selection": "random"}}
+    predicted = exp_show_columns(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"], params, live_metrics,
                                  TINY_STAGE_ONE["dataset"]["data"])
     assert sorted(c.split(":")[-1] for c in rows[0]) == sorted(predicted)
     # only params.yaml's keys are params: none of configs/defaults.yaml's other keys, none of stage one's
@@ -383,9 +390,6 @@ def test_dvc_repro_and_head_experiment(tmp_path):
 
     diff = run(str(DVC), "metrics", "diff")  # the committed baseline (HEAD) vs the experiment in the workspace
     assert "failed to load" not in diff and "macro_f1" in diff
-    out = run(str(DVC), "exp", "run", "-S", "++model.aps_selection=random", "-n", "randomsel")  # README ablation
-    assert "Running stage 'train'" in out and "Running stage 'sweep'" not in out  # a key params.yaml lacks
-    assert "aps_selection: random" in (repo / "params.yaml").read_text()
 
     run(str(DVC), "plots", "show", "--out", "dvc_plots")
     page = (repo / "dvc_plots" / "index.html").read_text()
