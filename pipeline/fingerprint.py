@@ -1,5 +1,5 @@
 """What a stage's outputs depend on besides its data: the first-party code it can run (the import
-closure of its command module) and the resolved config sections it reads, as one small JSON file.
+closure of its command modules) and the resolved config sections it reads, as small JSON files.
 
 Why: DVC lists every dependency of every stage as a column of `dvc exp show` (issue 17: at most
 40 columns), and a hand-written list of source files per stage drifts from the imports. The
