@@ -143,10 +143,9 @@ def closure(roots, graph: dict[str, set[str]], not_run=()) -> set[str]:
     return seen
 
 
-def source_files(modules, root: Path = ROOT, not_run=()) -> list[Path]:
+def source_files(modules, root: Path = ROOT) -> list[Path]:
     """The files `modules` run or read: each module's file, its packages' __init__.py and, for a
-    module inside a subpackage, every file of that subpackage's folder (data files included),
-    never a file inside a `not_run` package."""
+    module inside a subpackage, every file of that subpackage's folder (data files included)."""
     files = module_files(root)
     found: set[Path] = set()
     for name in modules:
@@ -160,8 +159,7 @@ def source_files(modules, root: Path = ROOT, not_run=()) -> list[Path]:
             package = root.joinpath(*parts[:2])
             found.update(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts
                          and p.suffix != ".pyc")
-    cut = [root.joinpath(*package.split(".")) for package in not_run]
-    return sorted(p for p in found if not any(p.is_relative_to(folder) for folder in cut))
+    return sorted(found)
 
 
 def reached_only_to_validate(spec: Manifest, graph: dict[str, set[str]]) -> list[tuple[str, str]]:
@@ -183,7 +181,7 @@ def manifest(spec: Manifest, config_path=None, root: Path = ROOT) -> dict:
     if unknown:
         raise ValueError(f"no such first-party module: {', '.join(unknown)}")
     modules = closure(spec.roots, graph, spec.not_run)
-    code = {p.relative_to(root).as_posix(): _sha256(p) for p in source_files(modules, root, spec.not_run)}
+    code = {p.relative_to(root).as_posix(): _sha256(p) for p in source_files(modules, root)}
     config = {}
     if spec.sections:  # as pipeline.config.load_config, with the defaults of the tree hashed
         config = validate_config(deep_merge(read_yaml(root / DEFAULTS), read_yaml(config_path) if config_path else {}))
