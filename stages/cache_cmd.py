@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline.config import ConfigError, load_config
-from stages.options import set_option
+from stages.options import StageError, set_option
 
 
 def _target(path: str | None, config_path: str | None, settings=()) -> str:
@@ -16,7 +16,7 @@ def _target(path: str | None, config_path: str | None, settings=()) -> str:
     try:
         return str(load_config(config_path, parse_settings(settings))["extract"]["out"])
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise StageError(str(exc)) from None
 
 
 @click.group("cache")
@@ -42,7 +42,7 @@ def info(path, config_path, settings):
     try:
         click.echo(cache_info(target))
     except (CacheError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise StageError(str(exc)) from None
 
 
 @cache.command("verify")
@@ -57,7 +57,7 @@ def verify(path, config_path, settings):
 
     kind, target = resolve_target(_target(path, config_path, settings))
     if kind == "missing":
-        raise click.ClickException(f"no feature cache or unfinished extraction at {target}")
+        raise StageError(f"no feature cache or unfinished extraction at {target}")
     report = verify_parts(target) if kind == "parts" else verify_cache(target)
     for note in report.notes:
         click.echo(note)

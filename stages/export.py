@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from stages.options import progress_option
-
+from stages.options import StageError, progress_option
 
 MAX_ID_LIST_BYTES = 64 << 20  # about 2 million ids
 
@@ -91,7 +90,7 @@ def export(cache: Path, fmt: str, out: Path, scans: tuple[str, ...], resolutions
         summary = export_cache(cache, out, fmt, scan_ids=ids, resolutions=list(resolutions) or None,
                                batch_slices=batch_slices, progress=progress, overwrite=overwrite)
     except cache_error_types() as exc:
-        raise click.ClickException(str(exc)) from None
+        raise StageError(str(exc)) from None
     click.echo(
         f"exported {summary.n_scans} scans ({summary.n_slices} slices) at {summary.resolutions} "
         f"to {summary.out} ({summary.bytes / 2**20:.1f} MiB) in {summary.seconds:.1f} s "

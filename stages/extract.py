@@ -131,7 +131,7 @@ def extract(config_path, data, layout, labels, scan_labels, out, resolutions, we
     try:
         result = run_extraction(index, config, progress=progress)
     except (CacheError, EncoderError, PreprocessError, ConfigError, PseudonymError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise StageError(str(exc)) from None
     report_extract(result, started, lambda line: click.echo(line, err=True))  # and OUT's .summary.json
 
 
@@ -155,4 +155,4 @@ def _build_index(root: Path, layout: str, labels, progress: bool, scan_labels=No
                                 cq500_series=cq500_series, cq500_bone=cq500_bone, allow_modalities=allow_modalities,
                                 limits=limits)
     except (ValueError, OSError, KeyError) as exc:
-        raise click.ClickException(f"cannot index the DICOM tree {root} as layout {layout!r}: {exc}") from None
+        raise StageError(f"cannot index the DICOM tree {root} as layout {layout!r}: {exc}") from None

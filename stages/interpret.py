@@ -18,7 +18,7 @@ from pipeline.metrics import json_safe
 from pipeline.oof import check_sample_idx
 from pipeline.sweep import SELECTIONS, SweepError, macro_f1, parse_m_keys, run_sweep
 from pipeline.training.rundir import OOF, RUN_JSON, RunDir, RunError
-from stages.options import set_option
+from stages.options import StageError, set_option
 
 
 def _run_meta(run_dir: Path, allow_partial: bool = False) -> tuple[dict, dict]:
@@ -36,7 +36,7 @@ def _checked_run(run_dir: str | Path, allow_partial: bool = False) -> RunDir:
         run.require(RUN_JSON, OOF)
         run.run_json  # noqa: B018 - read now: an unreadable run.json is refused here
     except RunError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise StageError(str(exc)) from None
     return run
 
 
@@ -80,7 +80,7 @@ def sweep_point(run_dir: str | Path) -> dict:
     m_key = model.get("m_key", meta.get("m_key"))
     selection = model.get("aps_selection", meta.get("aps_selection", "attention"))
     if m_key is None:
-        raise click.ClickException(f"{run_dir}: no model.m_key in config.yaml or run.json")
+        raise StageError(f"{run_dir}: no model.m_key in config.yaml or run.json")
     oof = RunDir(run_dir).oof()
     threshold = float((config.get("evaluate") or {}).get("threshold", 0.5))
     f1 = macro_f1(np.asarray(oof["labels"], np.float64), np.asarray(oof["prob"], np.float64), threshold)
@@ -98,11 +98,11 @@ def train_sweep(run_dir: str | Path, m_keys: list[int], epochs: int | None = Non
     run_dir = Path(run_dir)
     meta, config = _run_meta(run_dir)
     if not config:
-        raise click.ClickException(f"{run_dir}/config.yaml missing: cannot retrain the run's configuration")
+        raise StageError(f"{run_dir}/config.yaml missing: cannot retrain the run's configuration")
     try:
         points = run_sweep(config, meta["cache"], Path(out_dir or run_dir) / "sweep", m_keys, epochs, selections, log=log)
     except TrainingError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise StageError(str(exc)) from None
     return [Path(p["run"]) for p in points]
 
 
@@ -154,7 +154,7 @@ def interpret_cmd(run_dir, cache_path, sweep, train_m_keys, sweep_epochs, out_di
             result["mkey_sweep"] = points
             (out_dir / "interpret.json").write_text(json.dumps(json_safe(result), indent=2))
     except (CacheError, OofError, SweepError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise StageError(str(exc)) from None
     except TrainingInterrupted as exc:  # --train-sweep stopped by SIGTERM/SIGINT: one line
         click.echo(f"drct interpret: {exc.message}", err=True)
         raise SystemExit(exc.exit_code) from None

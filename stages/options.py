@@ -4,7 +4,9 @@
   value parsed as YAML; unknown keys are refused with a "did you mean" (pipeline.config).
 * ``--progress/--no-progress`` on every command with a progress bar (``--quiet`` is a hidden alias
   of ``--no-progress`` kept for old scripts).
-* ``StageError``: a refusal of bad input, message on stderr, exit code 2, no traceback.
+* ``StageError``: a refusal of bad input, message on stderr, exit code 2, no traceback. Every
+  command refuses with it; exit 1 is kept for a check that ran and found problems (cache verify,
+  doctor, a report with every scan failed), as the README's exit-code line says.
 * ``guess_layout``: the dataset layout of a DICOM tree from its file names, with the reason;
   ``LayoutOption``: a --layout whose help describes each registered layout.
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline.data import layouts
-from stages.options import SuggestingChoice, load_stage_config, progress_option, set_option
+from stages.options import StageError, SuggestingChoice, load_stage_config, progress_option, set_option
 
 
 @click.command()
@@ -54,7 +54,7 @@ def phantom(out, config_path, layout, scans, seed, size, force, settings, progre
                                seed=int(settings["seed"]), size=int(settings.get("size", 256)),
                                force=force, progress=advance)
     except PhantomError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise StageError(str(exc)) from None
     finally:
         if bar is not None:
             bar.close()

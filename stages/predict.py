@@ -342,7 +342,7 @@ def predict(dicom_dir, run_dir, checkpoint, allow_partial, out_dir, weights, dev
                                  keep_ids=keep_ids,
                                  log=lambda msg: click.echo(msg, err=True))
     except (PredictError, CheckpointError, CacheError, EncoderError, ReportError, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise StageError(str(exc)) from None
     click.echo(f"{summary['n_scans']} scans ({summary['rejects']} files or scans rejected) -> {summary['predictions']}")
     if "reports" in summary:
         click.echo(f"reports: {summary['reports']['index']}")

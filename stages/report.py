@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from stages.options import load_stage_config, progress_option, set_option
+from stages.options import StageError, load_stage_config, progress_option, set_option
 
 
 @click.command("report")
@@ -49,7 +49,7 @@ def report(run_dir, out_dir, scans, cache_path, data_root, threshold, show_phi, 
         summary = write_reports(source, out_dir, scan_ids=list(scans), show_phi=show_phi, sizes=sizes,
                                 progress=progress)
     except (ReportError, CacheError, EncoderError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise StageError(str(exc)) from None
     for fail in summary["failed"]:
         click.echo(f"skipped {fail['scan']}: {fail['reason']}", err=True)
     click.echo(f"{len(summary['scans'])} reports, index: {summary['index']}")

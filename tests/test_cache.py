@@ -146,7 +146,7 @@ def test_verify_reports_an_unfinished_extraction(tmp_path, scans):
         assert writer.done == {"S0", "S1", "S2", "S3"}
     assert not list(parts_dir(out).glob("*.tmp"))
     result = CliRunner().invoke(main, ["cache", "verify", str(tmp_path / "nothing.h5")])
-    assert result.exit_code != 0 and "no feature cache" in result.output
+    assert result.exit_code == 2 and "no feature cache" in result.output
 
 
 def test_resume_refused_names_the_field(tmp_path, scans):

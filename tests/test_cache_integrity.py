@@ -78,7 +78,7 @@ def test_flipped_feature_bytes_fail_verify_train_and_export(tmp_path):
         CachedFeatures.from_cache(cache, 32, 48)   # what train loads
     result = CliRunner().invoke(main, ["export", str(path), "--format", "npz", "--out", str(tmp_path / "e.npz"),
                                        "--quiet"])
-    assert result.exit_code != 0 and "checksum mismatch" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "checksum mismatch" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "e.npz").exists()
 
 
@@ -98,7 +98,7 @@ def test_nan_and_inf_vectors_are_refused_by_train_and_export(tmp_path):
         CachedFeatures.from_cache(FeatureCache(path), 32, 48)
     result = CliRunner().invoke(main, ["export", str(path), "--format", "parquet", "--out", str(tmp_path / "e.parquet"),
                                        "--quiet"])
-    assert result.exit_code != 0 and "NaN or inf" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "NaN or inf" in result.output and "Traceback" not in result.output
 
 
 def test_truncated_cache_gives_one_clear_message_everywhere(tmp_path):
@@ -128,7 +128,7 @@ def test_truncated_cache_gives_one_clear_message_everywhere(tmp_path):
     ]
     for command in commands:
         result = CliRunner().invoke(main, command)
-        assert result.exit_code in (1, 2), (command, result.output)
+        assert result.exit_code == (1 if command[:2] == ["cache", "verify"] else 2), (command, result.output)
         assert "Traceback" not in result.output and not isinstance(result.exception, OSError), command
         assert "not a readable" in result.output and str(path) in result.output, (command, result.output)
 

@@ -76,7 +76,7 @@ def test_unwritable_output_is_a_clear_message(data, tmp_path):
     result = CliRunner().invoke(main, ["extract", "--data", str(data), "--layout", "folder", "--out",
                                        str(blocker / "c.h5"), "--workers", "0", "--weights", "random:0",
                                        "--no-progress"])
-    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"cannot write {blocker / 'c.h5.lock'}" in result.output, result.output
     with pytest.raises(CacheError):
         extract(blocker / "c.h5", data)

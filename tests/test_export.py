@@ -218,20 +218,20 @@ def test_cli_exports_and_reports(cache_path, tmp_path):
 )
 def test_cli_bad_requests_are_messages(cache_path, tmp_path, args, message):
     result = run_cli(cache_path, "--format", "parquet", "--out", tmp_path / "x.parquet", "--quiet", *args)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x.parquet").exists()
 
 
 def test_cli_missing_or_incomplete_cache(tmp_path):
     result = run_cli(tmp_path / "none.h5", "--format", "npz", "--out", tmp_path / "x.npz")
-    assert result.exit_code == 1 and "feature cache not found" in result.output
+    assert result.exit_code == 2 and "feature cache not found" in result.output
     import h5py
 
     with h5py.File(tmp_path / "half.h5", "w") as f:
         f.attrs["schema_version"] = 1
     result = run_cli(tmp_path / "half.h5", "--format", "npz", "--out", tmp_path / "x.npz")
-    assert result.exit_code == 1 and "not complete" in result.output
+    assert result.exit_code == 2 and "not complete" in result.output
 
 
 # -- issue 16, item 1: an export never replaces what is not an export ---------------------------
@@ -247,7 +247,7 @@ def test_existing_target_needs_overwrite_and_must_be_an_export(cache_path, tmp_p
         before = target.read_bytes()
         for extra in ((), ("--overwrite",)):
             result = run_cli(cache_path, "--format", "h5", "--out", target, "--quiet", *extra)
-            assert result.exit_code == 1, (target, extra, result.output)
+            assert result.exit_code == 2, (target, extra, result.output)
             if extra:
                 expected_text = "onto itself" if target == cache_path else "refusing to overwrite"
                 assert expected_text in result.output and "Traceback" not in result.output
@@ -261,11 +261,11 @@ def test_existing_target_needs_overwrite_and_must_be_an_export(cache_path, tmp_p
     out = tmp_path / "e.npz"
     assert run_cli(cache_path, "--format", "npz", "--out", out, "--quiet").exit_code == 0
     result = run_cli(cache_path, "--format", "npz", "--out", out, "--quiet", "--scans", "scan1")
-    assert result.exit_code == 1 and f"{out} exists; pass --overwrite" in result.output
+    assert result.exit_code == 2 and f"{out} exists; pass --overwrite" in result.output
     with np.load(out) as npz:
         assert len(npz["scan_id"]) == len(N_SLICES)  # untouched
     result = run_cli(cache_path, "--format", "parquet", "--out", out, "--quiet", "--overwrite")
-    assert result.exit_code == 1 and "it is a npz export, not parquet" in result.output
+    assert result.exit_code == 2 and "it is a npz export, not parquet" in result.output
     result = run_cli(cache_path, "--format", "npz", "--out", out, "--quiet", "--overwrite", "--scans", "scan1")
     assert result.exit_code == 0, result.output
     with np.load(out) as npz:
@@ -274,7 +274,7 @@ def test_existing_target_needs_overwrite_and_must_be_an_export(cache_path, tmp_p
     manifest = json.loads(ex.manifest_path(out).read_text())
     ex.manifest_path(labels).write_text(json.dumps({**manifest, "file": "other.npz"}))
     result = run_cli(cache_path, "--format", "npz", "--out", labels, "--quiet", "--overwrite")
-    assert result.exit_code == 1 and "it is not a drct export" in result.output
+    assert result.exit_code == 2 and "it is not a drct export" in result.output
     assert labels.read_text().startswith("ID,Label")
 
 
@@ -288,7 +288,7 @@ def test_never_writes_inside_the_data_root(tmp_path):
         f.attrs["data_root"] = str(root)
     for target in (root / "export.npz", root / "sub" / "x.npz", root / ".." / "dicom" / "y.npz"):
         result = run_cli(cache_path, "--format", "npz", "--out", target, "--quiet", "--overwrite")
-        assert result.exit_code == 1 and "inside the data root" in result.output, result.output
+        assert result.exit_code == 2 and "inside the data root" in result.output, result.output
     assert [p for p in root.rglob("*") if p.is_file()] == []
     assert run_cli(cache_path, "--format", "npz", "--out", tmp_path / "outside.npz", "--quiet").exit_code == 0
 
@@ -301,7 +301,7 @@ def test_scan_list_file_content_is_never_quoted(cache_path, tmp_path):
     lines = [f"user{k}:$6$saltsalt$" + "h" * 60 + f"{k}:19000:0:99999:7:::" for k in range(5)]
     secret.write_text("\n".join(lines) + "\n")
     result = run_cli(cache_path, "--format", "npz", "--out", tmp_path / "x.npz", "--quiet", "--scans", f"@{secret}")
-    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"5 scan id(s) not in {cache_path}: 'user0:$6$saltsalt$hhhhhh'... and 4 more" in result.output
     assert "hhhhhhh" * 2 not in result.output and not any(f"user{k}" in result.output for k in range(1, 5))
     result = run_cli(cache_path, "--format", "npz", "--out", tmp_path / "x.npz", "--quiet", "--scans", "scan1,a\x1bb\x00")

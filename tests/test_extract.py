@@ -237,16 +237,16 @@ def test_cli_errors_are_clear(tmp_path, dataset):
 
     runner = CliRunner()
     result = runner.invoke(main, ["extract", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "f.h5")])
-    assert result.exit_code != 0 and "data folder not found" in result.output
+    assert result.exit_code == 2 and "data folder not found" in result.output
     result = runner.invoke(main, ["extract", "--data", str(dataset), "--layout", "folder", "--workers", "0",
                                   "--out", str(tmp_path / "f.h5"), "--weights", str(tmp_path / "missing.pth")])
-    assert result.exit_code != 0 and "weights file not found" in result.output
+    assert result.exit_code == 2 and "weights file not found" in result.output
     result = runner.invoke(main, ["extract", "--data", str(dataset), "--layout", "folder", "--workers", "0",
                                   "--out", str(tmp_path / "f.h5"), "--resolutions", "64,32"])
-    assert result.exit_code != 0 and "distinct and increasing" in result.output
+    assert result.exit_code == 2 and "distinct and increasing" in result.output
     result = runner.invoke(main, ["extract", "--data", str(dataset), "--layout", "folder", "--out",
                                   str(tmp_path / "f.h5"), "--scheduler", "tls://127.0.0.1:9", "--tls-ca", "ca.pem"])
-    assert result.exit_code != 0 and "TLS needs all three of --tls-ca, --tls-cert and --tls-key" in result.output
+    assert result.exit_code == 2 and "TLS needs all three of --tls-ca, --tls-cert and --tls-key" in result.output
     result = runner.invoke(main, ["extract", "--data", str(dataset), "--layout", "folder", "--out",
                                   str(tmp_path / "f.h5"), "--workers", "2", "--encode-on", "gpu"])
     assert result.exit_code == 2 and "'gpu' is not one of 'workers', 'client'" in result.output

@@ -200,7 +200,12 @@ def test_cli_writes_and_prints_summary(tmp_path):
     assert "phantom (rsna): 1 scans" in result.output and "intraventricular" in result.output
     assert (tmp_path / "p" / "stage_2_train.csv").is_file()
     bad = CliRunner().invoke(phantom, [str(tmp_path / "q"), "--scans", "0"])
-    assert bad.exit_code != 0 and "Traceback" not in bad.output
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "keep.txt").write_text("x")
+    refused = CliRunner().invoke(phantom, [str(tmp_path / "foreign"), "--scans", "1", "--size", "32", "--no-progress"])
+    assert refused.exit_code == 2 and "is not empty and holds no phantom" in refused.output, refused.output
+    assert (tmp_path / "foreign" / "keep.txt").read_text() == "x"
 
 
 HAVE_INDEX = importlib.util.find_spec("pipeline.data.index") is not None

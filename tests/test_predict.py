@@ -107,7 +107,7 @@ def test_predict_run_uses_the_fold_ensemble_and_lists_rejects(dicom_dir, tmp_pat
     shutil.rmtree(run / "fold_1")
     refused = CliRunner().invoke(main, ["predict", str(data), "--run", str(run), "--out", str(tmp_path / "o2"),
                                         "--device", "cpu", "--no-reports", "--no-progress"])
-    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
     assert "incomplete `drct train` run (fold checkpoints deleted): fold(s) 1 of 0, 1 missing" in refused.output
     assert not (tmp_path / "o2" / "features.h5").exists()
     partial = CliRunner().invoke(main, ["predict", str(data), "--run", str(run), "--allow-partial", "--out",
@@ -121,7 +121,7 @@ def test_predict_needs_run_or_checkpoint(dicom_dir, tmp_path):
     result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--run RUN_DIR" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--run", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert result.exit_code != 0 and "fold_<k>/checkpoint.pt" in result.output
+    assert result.exit_code == 2 and "fold_<k>/checkpoint.pt" in result.output
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ def test_predict_needs_run_or_checkpoint(dicom_dir, tmp_path):
 def test_predict_refuses_mismatched_encoder(dicom_dir, tmp_path, change, message):
     ckpt = _checkpoint(tmp_path / "ckpt.pt", **change)
     result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")])
-    assert result.exit_code != 0
+    assert result.exit_code == 2
     assert "another encoder or preprocessing" in result.output and message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "o" / "features.h5").exists()
@@ -141,7 +141,7 @@ def test_predict_rejects_non_checkpoint(dicom_dir, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
     result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--checkpoint", str(bad), "--out", str(tmp_path / "o")])
-    assert result.exit_code != 0 and "not a readable DrCT checkpoint" in result.output
+    assert result.exit_code == 2 and "not a readable DrCT checkpoint" in result.output
 
 
 def test_ensemble_zooms_on_the_top_slices_of_the_mean_attention():
@@ -184,7 +184,7 @@ def test_predict_uses_the_runs_recorded_thresholds(dicom_dir, tmp_path):
     (tmp_path / "run" / "thresholds.json").write_text('{"thresholds": {"any": 0.3}}')
     result = CliRunner().invoke(main, ["predict", str(dicom_dir), "--checkpoint", str(ckpt), "--out", str(out),
                                        "--device", "cpu", "--no-reports", "--no-progress"])
-    assert result.exit_code != 0 and "not a thresholds file" in result.output
+    assert result.exit_code == 2 and "not a thresholds file" in result.output
 
 
 def test_predictions_list_decode_time_rejects(tmp_path):

@@ -122,10 +122,10 @@ def test_show_phi_flag_shows_patient(phantom_run, tmp_path):
 
 def test_report_cli_errors_are_messages(tmp_path, phantom_run):
     result = CliRunner().invoke(report_cmd, [str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert result.exit_code != 0 and "run.json" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "run.json" in result.output and "Traceback" not in result.output
     run_dir, _ = phantom_run
     result = CliRunner().invoke(report_cmd, [str(run_dir), "--out", str(tmp_path / "o"), "--scan", "nope"])
-    assert result.exit_code != 0 and "'nope' is not among" in result.output
+    assert result.exit_code == 2 and "'nope' is not among" in result.output
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_report_refuses_other_encoder_weights(phantom_run, tmp_path):
     meta["weights_digest"] = "f" * 64
     (other / "run.json").write_text(json.dumps(meta))
     result = CliRunner().invoke(report_cmd, [str(other), "--out", str(tmp_path / "o")])
-    assert result.exit_code != 0 and "heat maps would not match" in result.output
+    assert result.exit_code == 2 and "heat maps would not match" in result.output
 
 
 # -- a report a reader can trust (issue 12) -------------------------------------------------------
@@ -388,5 +388,5 @@ def test_report_cli_refuses_a_corrupt_thresholds_file(phantom_run, tmp_path):
     for text in ("{not json", '{"thresholds": {"any": 0.3}}'):
         (run_dir / "thresholds.json").write_text(text)
         result = CliRunner().invoke(report_cmd, [str(run_dir), "--out", str(tmp_path / "o")])
-        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and "is not a thresholds file" in result.output

@@ -126,7 +126,7 @@ def test_extract_summary_counts_resume_and_failure(tmp_path):
 
     # stopped by an error (other weights than the cache's): no summary is left to claim success
     result = _extract(data, out, "--weights", "random:1")
-    assert result.exit_code != 0 and "weights" in result.output
+    assert result.exit_code == 2 and "weights" in result.output
     assert not path.exists() and "drct extract: summary" not in result.output
 
 

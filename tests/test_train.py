@@ -274,14 +274,14 @@ def test_one_writer_then_sigterm_stops_cleanly_readers_refuse_and_a_rerun_resume
     fold0 = (out / "fold_0" / "checkpoint.pt").read_bytes()
 
     predicted = runner.invoke(main, ["predict", str(tmp_path), "--run", str(out), "--out", str(tmp_path / "p")])
-    assert predicted.exit_code != 0 and "Traceback" not in predicted.output
+    assert predicted.exit_code == 2 and "Traceback" not in predicted.output
     assert f"{out} is an incomplete `drct train` run" in predicted.output
     assert "fold(s) 1, 2 of 0, 1, 2 missing" in predicted.output and "--allow-partial" in predicted.output
     assert not (tmp_path / "p" / "features.h5").exists()
     for command in (["evaluate", str(out)], ["interpret", str(out)],
                     ["report", str(out), "--out", str(tmp_path / "rep")]):
         refused = runner.invoke(main, command)
-        assert refused.exit_code != 0 and "fold(s) 1, 2 of 0, 1, 2 missing" in refused.output, (command, refused.output)
+        assert refused.exit_code == 2 and "fold(s) 1, 2 of 0, 1, 2 missing" in refused.output, (command, refused.output)
     partial = runner.invoke(main, ["evaluate", str(out), "--allow-partial", "--out", str(tmp_path / "m.json")])
     assert partial.exit_code == 0, partial.output
     assert "partial run: fold(s) 1, 2 missing" in partial.output
@@ -361,6 +361,6 @@ def test_mixed_checkpoints_are_refused_by_every_reader(run_dirs, tmp_path, kind,
                     ["report", str(run), "--out", str(tmp_path / "rep")]):
         for extra in ([], ["--allow-partial"]):  # mixing is never allowed
             result = runner.invoke(main, [*command, *extra])
-            assert result.exit_code != 0 and message in result.output, (command, result.output)
+            assert result.exit_code == 2 and message in result.output, (command, result.output)
             assert "Traceback" not in result.output
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "p" / "features.h5").exists()
