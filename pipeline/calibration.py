@@ -44,7 +44,7 @@ def reliability(labels: np.ndarray, prob: np.ndarray, bins: int = BINS) -> dict:
         mean_prob = np.bincount(which, weights=p, minlength=bins) / count
         frac_pos = np.bincount(which, weights=y, minlength=bins) / count
     filled = count > 0
-    n = int(len(y))
+    n = len(y)
     ece = float((count[filled] / n * np.abs(frac_pos[filled] - mean_prob[filled])).sum()) if n else float("nan")
     brier = float(brier_score_loss(y, p)) if n else float("nan")
     return {"edges": edges.tolist(), "mean_prob": mean_prob.tolist(), "frac_pos": frac_pos.tolist(),

@@ -251,9 +251,9 @@ def format_details(details: dict) -> str:
     """The details as text, one screen per section: headline, per class, per fold, calibration,
     training curves, readers, comparison."""
     boot = details["bootstrap"]
-    lines = [f"{details.get('model')}: {details['n']} scans of {details['n_patients']} patients, "
+    lines = [(f"{details.get('model')}: {details['n']} scans of {details['n_patients']} patients, "
              f"{details['n_folds']} fold(s); pooled out-of-fold, 95 % patient-bootstrap intervals "
-             f"({boot['resamples']} resamples, seed {boot['seed']})"]
+             f"({boot['resamples']} resamples, seed {boot['seed']})")]
     t = details["threshold"]
     lines.append(f"threshold: {t['value']:g}" if t["source"] == "fixed" else
                  "thresholds (F1-maximising on out-of-fold, recorded in thresholds.json): "
@@ -291,8 +291,8 @@ def format_details(details: dict) -> str:
         lines += ["", format_readers(details["readers"])]
     if "compare" in details:
         c = details["compare"]
-        lines += ["", f"compared with {c['other_run']} ({c['thresholds']}): difference this - other, "
-                      f"paired patient bootstrap ({c['paired_bootstrap']['resamples']} resamples) and paired t-test over folds"]
+        lines += ["", (f"compared with {c['other_run']} ({c['thresholds']}): difference this - other, "
+                      f"paired patient bootstrap ({c['paired_bootstrap']['resamples']} resamples) and paired t-test over folds")]
         for key in HEADLINE:
             d = c["paired_bootstrap"]["metrics"][key]
             line = (f"{key:16s} {_f(d['difference']):>7s} [{_f(d['ci_low'])}, {_f(d['ci_high'])}] "

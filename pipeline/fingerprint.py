@@ -60,7 +60,7 @@ MANIFESTS = {
     "heads.json": Manifest(("stages.train", "stages.sweep"), files=(DEFAULTS,), not_run=("pipeline.data",)),
 }
 
-_REGISTRY_ENTRY = re.compile(r"^((?:%s)(?:\.\w+)+)(?::\w+)?$" % "|".join(FIRST_PARTY))
+_REGISTRY_ENTRY = re.compile(r"^((?:{})(?:\.\w+)+)(?::\w+)?$".format("|".join(FIRST_PARTY)))
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -79,7 +79,7 @@ def registry_entries(path: Path) -> set[str]:
     return set(_registry_in(path.read_text()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _imports_in(text: str, package: str) -> frozenset[str]:
     # cached by content: the tests compute many fingerprints of one tree, editing a file at a time
     found: set[str] = set()
@@ -98,7 +98,7 @@ def _imports_in(text: str, package: str) -> frozenset[str]:
     return frozenset(found)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _registry_in(text: str) -> frozenset[str]:
     return frozenset(match.group(1) for node in ast.walk(ast.parse(text))
                      if isinstance(node, ast.Constant) and isinstance(node.value, str)

@@ -378,7 +378,7 @@ def bootstrap_intervals(labels: np.ndarray, prob: np.ndarray, patients: Sequence
         name: {key: entry(point[key][0, c], reps[key][:, c]) for key in BOOT_CLASS} for c, name in enumerate(names)
     }
     result.update(resamples=int(resamples), level=float(level), seed=int(seed),
-                  n_patients=int(len(np.unique(np.asarray(patients).astype(str)))))
+                  n_patients=len(np.unique(np.asarray(patients).astype(str))))
     return result
 
 

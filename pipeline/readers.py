@@ -110,7 +110,7 @@ def score_against_readers(prob: np.ndarray, reads: dict[str, np.ndarray], thresh
     prob = np.asarray(prob, np.float64)
     references = {**reads, "majority": majority(reads)}
     called = (prob >= np.asarray(threshold, np.float64)).astype(np.float64)
-    out = {"n": int(len(prob)), "references": {}, "agreement": reader_agreement(reads, class_names)}
+    out = {"n": len(prob), "references": {}, "agreement": reader_agreement(reads, class_names)}
     for ref, labels in references.items():
         m = classification_metrics(labels, prob, list(class_names), threshold)
         kappas = {name: cohen_kappa(called[:, c], labels[:, c]) for c, name in enumerate(class_names)}

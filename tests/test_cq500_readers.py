@@ -59,7 +59,7 @@ def test_real_reads_majority_matches_the_training_labels(reads_csv):
 
 
 def test_model_against_each_reader_with_the_readers_agreement_as_ceiling(reads_csv):
-    names, reads = read_reader_labels(reads_csv)
+    _names, reads = read_reader_labels(reads_csv)
     prob = np.where(reads["R1"] > 0.5, 0.9, 0.1)  # a "model" that reads like R1
     result = score_against_readers(prob, reads, 0.5)
     assert set(result["references"]) == {"R1", "R2", "R3", "majority"}

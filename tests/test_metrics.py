@@ -171,7 +171,7 @@ def test_interpret_macro_f1_is_the_metrics_module_one():
 
 # -- the patient bootstrap ------------------------------------------------------------------------
 
-from pipeline.metrics import (  # noqa: E402
+from pipeline.metrics import (
     average_precision,
     bootstrap_intervals,
     bootstrap_replicates,

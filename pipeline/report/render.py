@@ -125,7 +125,7 @@ def attention_ticks(peak: float) -> list[dict]:
 
 
 # C0 controls but tab, line feed and carriage return; DEL; the C1 controls.
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0))}
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0))}
 
 
 def escape_controls(value):
