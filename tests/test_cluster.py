@@ -45,20 +45,21 @@ class Loopback:
         self.scheduler = self._start(
             _dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                   "--scheduler-file", str(self.scheduler_file), *protocol, *tls_args), "scheduler")
-        self.address = self._wait_for_address(deadline=time.time() + 120)
+        self.address = self._wait_for_address(timeout=120)
         self._worker_args = ["--scheduler-file", str(self.scheduler_file), "--nthreads", "1", "--no-nanny",
                              "--no-dashboard", "--host", "127.0.0.1", *tls_args]
 
-    def _wait_for_address(self, deadline: float) -> str:
+    def _wait_for_address(self, timeout: float) -> str:
         """The scheduler's address, once its scheduler file is complete: the file appears before its
         JSON is written, so an empty or half-written file means "not yet", not an error."""
+        deadline = time.time() + timeout
         while time.time() < deadline:
             assert self.scheduler.poll() is None, (self.tmp / "scheduler.log").read_text()
             try:
                 return json.loads(self.scheduler_file.read_text())["address"]
             except (FileNotFoundError, json.JSONDecodeError, KeyError):
                 time.sleep(0.1)
-        raise AssertionError(f"no scheduler address in 120 s: {(self.tmp / 'scheduler.log').read_text()}")
+        raise AssertionError(f"no scheduler address in {timeout:g} s: {(self.tmp / 'scheduler.log').read_text()}")
 
     def _start(self, command: list[str], name: str) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
